@@ -1,0 +1,116 @@
+"""Input blocks as nodes: the blocks of an image, each replaced by intervention draws."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from napari_pdcr.engine.estimator import NodeSet
+from napari_pdcr.interventions.base import Intervention
+from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.outcomes import Outcome
+from napari_pdcr.regions import BlockGrid
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def precision_context(device: torch.device, precision: str):
+    """Autocast context for reduced precision on CUDA; float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if PRECISIONS[precision] is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=PRECISIONS[precision])
+
+
+class InputBlocks(NodeSet):
+    """The blocks of ``image`` as intervention nodes.
+
+    Parameters
+    ----------
+    model, image
+        The model and the image ``(C, *S)`` in model input space (float32 tensor).
+    grid
+        Block grid over ``S``.
+    target_region
+        Bool ``S``: where the outcome is measured.
+    outcome, intervention
+        What is measured and what replaces a block.
+    reference
+        Bool ``S`` reference mask for Dice outcomes; ``None``: the model's own
+        unperturbed prediction.
+    window
+        Spatial slices of the part of the image the model is run on (an exact crop
+        found by :mod:`napari_pdcr.engine.reach`); ``None``: the whole image. Every
+        intervened block and the target region must lie inside it.
+    """
+
+    def __init__(
+        self,
+        model: SegmentationModel,
+        image: torch.Tensor,
+        grid: BlockGrid,
+        target_region: np.ndarray,
+        outcome: Outcome,
+        intervention: Intervention,
+        reference: np.ndarray | None = None,
+        window: tuple[slice, ...] | None = None,
+        precision: str = "float32",
+    ):
+        self.model, self.image, self.grid = model, image, grid
+        self.outcome, self.intervention, self.precision = outcome, intervention, precision
+        self.deterministic = intervention.deterministic
+        self.window = window or tuple(slice(0, n) for n in grid.spatial_shape)
+        self.offset = np.array([w.start for w in self.window])
+        self.crop = image[(slice(None), *self.window)].contiguous()
+        region_in_window = target_region[self.window]
+        if region_in_window.sum() != target_region.sum():
+            raise ValueError("the model window must contain the whole target region")
+        self.region_index = torch.from_numpy(np.flatnonzero(region_in_window))
+        self.item_bytes = self.crop.numel() * self.crop.element_size()
+        intervention.prepare(image)
+
+        base_scores = self.region_scores(self.crop[None])
+        self.n_channels = base_scores.shape[1]
+        self.channel = outcome.resolve_channel(self.n_channels, model.activation)
+        predicted = outcome.predicted_mask(base_scores, model.activation, self.channel)[0].cpu()
+        self.reference = predicted if reference is None else torch.from_numpy(reference[self.window].ravel()[self.region_index.numpy()])
+        self.predicted_in_region = predicted
+        self._base = float(self._outcome(base_scores)[0])
+
+    @property
+    def n_nodes(self) -> int:
+        return self.grid.n_blocks
+
+    def base_outcome(self) -> float:
+        return self._base
+
+    def region_scores(self, batch: torch.Tensor) -> torch.Tensor:
+        """Model scores in the target region, ``(N, K, M)``, for a batch of crops ``(N, C, *S')``."""
+        with torch.inference_mode(), precision_context(self.model.device, self.precision):
+            scores = self.model(batch)
+            if not torch.isfinite(scores).all():
+                raise FloatingPointError(f"model {self.model.name!r} returned NaN or infinite scores")
+            flat = scores.flatten(2)
+            return flat[:, :, self.region_index.to(flat.device)].float()
+
+    def _outcome(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.outcome(scores, self.reference, self.model.activation, self.channel)
+
+    def sample(self, node: int, n_draws: int, rng: np.random.Generator) -> torch.Tensor:
+        where = self.grid.slices(node)
+        original = self.image[(slice(None), *where)]
+        return self.intervention.sample(original, n_draws, rng, where)
+
+    def local_slices(self, node: int) -> tuple[slice, ...]:
+        """Slices of block ``node`` inside the window."""
+        return tuple(slice(s.start - o, s.stop - o) for s, o in zip(self.grid.slices(node), self.offset, strict=True))
+
+    def outcomes(self, nodes: Sequence[int], replacements: Sequence[torch.Tensor]) -> torch.Tensor:
+        batch = self.crop.expand(len(nodes), *self.crop.shape).clone()
+        for i, (node, rep) in enumerate(zip(nodes, replacements, strict=True)):
+            batch[(i, slice(None), *self.local_slices(node))] = rep
+        return self._outcome(self.region_scores(batch))

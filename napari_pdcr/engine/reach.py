@@ -1,0 +1,109 @@
+"""Exact accelerations: which blocks can reach the target region, and the smallest window.
+
+A block whose content cannot change the model's output in the target region has an
+effect of exactly zero, whatever the intervention. We find such blocks by **NaN
+propagation**: fill a group of blocks with NaN and run the model; if no score in the
+target region becomes NaN, no block of the group is read when computing the region
+(NaN survives every arithmetic operation a segmentation network uses: convolution,
+normalisation in eval mode, pooling, interpolation, attention). Groups are tested
+coarse to fine (group testing), so the cost is a few hundred forward passes, not one per
+block. A model that mixes the whole image (instance normalisation, global attention)
+simply shows that every block reaches, and nothing is skipped.
+
+The reachable blocks then bound a **window** (aligned to the network's divisibility, so
+pooling grids line up) on which the model is run instead of the whole image. Because
+the window is only a speed-up if it is exact, it is verified against the full image on
+the unperturbed input and on intervened inputs; if the region's scores differ, the full
+image is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.regions import BlockGrid
+
+
+def reachable_blocks(
+    model: SegmentationModel,
+    image: torch.Tensor,
+    grid: BlockGrid,
+    target_region: np.ndarray,
+    candidates: np.ndarray,
+    group_levels: tuple[int, ...] = (4, 2),
+    batch_size: int = 8,
+) -> tuple[np.ndarray, int]:
+    """Bool ``grid.shape``: candidate blocks that may change the region's scores.
+
+    ``False`` is a proof (by NaN propagation) that the block cannot; ``True`` may be
+    conservative (groups at the finest level of ``group_levels`` are not split
+    further). Returns the mask and the number of forward passes used.
+    """
+    region_index = torch.from_numpy(np.flatnonzero(target_region))
+    coords = np.stack(np.unravel_index(np.arange(grid.n_blocks), grid.shape), axis=1)
+    reach = candidates.ravel().copy()
+    open_groups = [np.flatnonzero(reach)]  # one group: everything; refined level by level
+    passes = 0
+    for level in group_levels:
+        groups = []
+        for members in open_groups:
+            keys = coords[members] // level
+            _, inverse = np.unique(keys, axis=0, return_inverse=True)
+            groups += [members[inverse.ravel() == g] for g in range(inverse.max() + 1)]
+        hits = []
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start : start + batch_size]
+            batch = image.expand(len(chunk), *image.shape).clone()
+            for i, members in enumerate(chunk):
+                for b in members:
+                    batch[(i, slice(None), *grid.slices(int(b)))] = float("nan")
+            with torch.inference_mode():
+                scores = model(batch).flatten(2)[:, :, region_index.to(model.device)]
+            passes += len(chunk)
+            hits += torch.isnan(scores).flatten(1).any(dim=1).tolist()
+        for members, hit in zip(groups, hits, strict=True):
+            if not hit:
+                reach[members] = False
+        open_groups = [m for m, h in zip(groups, hits, strict=True) if h]
+    return reach.reshape(grid.shape), passes
+
+
+def aligned_window(
+    grid: BlockGrid, blocks: np.ndarray, divisors: tuple[int, ...]
+) -> tuple[slice, ...]:
+    """Smallest window covering ``blocks`` (bool grid) whose start is a multiple of ``divisors``
+    and whose size is a multiple of them, or that ends at the image border."""
+    idx = np.argwhere(blocks)
+    window = []
+    for axis, (b, n, d) in enumerate(zip(grid.block_shape, grid.spatial_shape, divisors, strict=True)):
+        lo = int(idx[:, axis].min()) * b
+        hi = min(int(idx[:, axis].max() + 1) * b, n)
+        lo = (lo // d) * d
+        hi = min(lo + -(-(hi - lo) // d) * d, n)
+        window.append(slice(lo, hi))
+    return tuple(window)
+
+
+def window_is_exact(
+    model: SegmentationModel,
+    image: torch.Tensor,
+    window: tuple[slice, ...],
+    target_region: np.ndarray,
+    probes: list[torch.Tensor],
+    rtol: float = 1e-4,
+) -> bool:
+    """True when the region's scores on ``window`` match those on the whole image.
+
+    ``probes`` are intervened images ``(C, *S)`` to check besides the unperturbed one.
+    """
+    full_index = torch.from_numpy(np.flatnonzero(target_region))
+    crop_index = torch.from_numpy(np.flatnonzero(target_region[window]))
+    batch = torch.stack([image, *probes])
+    with torch.inference_mode():
+        full = model(batch).flatten(2)[:, :, full_index.to(model.device)]
+        crop = model(batch[(slice(None), slice(None), *window)].contiguous()).flatten(2)
+        crop = crop[:, :, crop_index.to(model.device)]
+    scale = float(full.abs().max().clamp_min(1.0))
+    return bool(((full - crop).abs().max() <= rtol * scale).item())

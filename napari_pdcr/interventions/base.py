@@ -1,0 +1,51 @@
+"""The intervention protocol: "give me k replacement blocks shaped like this one"."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+
+class Intervention(ABC):
+    """A distribution over replacement contents for a block of the input.
+
+    Subclasses implement :meth:`sample`; image-dependent statistics are computed once in
+    :meth:`prepare`. ``deterministic`` interventions (zero, constant, mean, blur) return
+    the same replacement on every draw, so one draw gives the exact effect.
+    """
+
+    name: str = "intervention"
+    deterministic: bool = False
+
+    def prepare(self, image: torch.Tensor) -> None:
+        """Called once with the image ``(C, *S)`` (model input space) before sampling."""
+
+    @abstractmethod
+    def sample(
+        self, original: torch.Tensor, n_draws: int, rng: np.random.Generator, location: tuple[slice, ...]
+    ) -> torch.Tensor:
+        """Replacements ``(n_draws, C, *b)`` for a block whose content is ``original`` ``(C, *b)``.
+
+        ``location`` is the block's spatial slices in the image; ``rng`` is seeded per
+        block and stage by the engine, so draws are reproducible whatever the batching.
+        """
+
+    def describe(self) -> dict:
+        """Parameters for provenance (JSON-serialisable)."""
+        return {"name": self.name}
+
+
+class CallableIntervention(Intervention):
+    """Wrap a function ``fn(original (C,*b), n_draws, rng) -> (n_draws, C, *b)`` as an intervention."""
+
+    def __init__(self, fn, name: str = "custom", deterministic: bool = False):
+        self.fn, self.name, self.deterministic = fn, name, deterministic
+
+    def sample(self, original, n_draws, rng, location):
+        out = torch.as_tensor(self.fn(original, n_draws, rng), dtype=original.dtype)
+        expected = (n_draws, *original.shape)
+        if tuple(out.shape) != expected:
+            raise ValueError(f"intervention {self.name!r} returned shape {tuple(out.shape)}, expected {expected}")
+        return out

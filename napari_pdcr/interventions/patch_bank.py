@@ -1,0 +1,88 @@
+"""The natural-patch bank: block-sized crops of *other* images, drawn with replacement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from napari_pdcr.interventions.base import Intervention
+
+
+class PatchBank(Intervention):
+    """Replacement blocks cropped at random positions from other images.
+
+    This is the published "natural" intervention: a bank of up to ``size`` crops of the
+    block's shape, taken at uniformly random positions of uniformly chosen source images,
+    then drawn uniformly with replacement (not matched by position). The bank for each
+    block shape is extracted once, reproducibly from ``seed``.
+
+    Parameters
+    ----------
+    sources
+        Other images in the model's input space: a sequence of ``(C, *S)`` arrays (sizes
+        may differ) or one stacked array ``(N, C, *S)``. For a 2D model, other slices;
+        for a 3D model, other volumes (or the same volume's other regions, if nothing
+        else exists — say so in the results).
+    size
+        Number of crops in the bank (the published method uses up to 10,000).
+    seed
+        Seed of the crop positions.
+    """
+
+    name, deterministic = "patch_bank", False
+
+    def __init__(self, sources: Sequence[np.ndarray] | np.ndarray, size: int = 10_000, seed: int = 0):
+        self.sources = [torch.as_tensor(np.asarray(s, dtype=np.float32)) for s in sources]
+        if not self.sources:
+            raise ValueError("a patch bank needs at least one source image")
+        ndims = {s.ndim for s in self.sources}
+        channels = {s.shape[0] for s in self.sources}
+        if len(ndims) != 1 or len(channels) != 1:
+            raise ValueError("all patch-bank sources must be (C, *S) arrays with the same C and dimensionality")
+        if any(not torch.isfinite(s).all() for s in self.sources):
+            raise ValueError("a patch-bank source contains NaN or infinite values")
+        self.size, self.seed = int(size), int(seed)
+        self._banks: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.sources[0].ndim - 1
+
+    def prepare(self, image):
+        if image.ndim != self.sources[0].ndim or image.shape[0] != self.sources[0].shape[0]:
+            raise ValueError(
+                f"patch-bank sources are shaped (C={self.sources[0].shape[0]}, {self.spatial_dims}D) "
+                f"but the image is {tuple(image.shape)}: build the bank in the model's input space"
+            )
+
+    def bank(self, block_shape: tuple[int, ...]) -> torch.Tensor:
+        """The crops for ``block_shape``: ``(size, C, *block_shape)``, extracted on first use."""
+        block_shape = tuple(int(b) for b in block_shape)
+        if block_shape not in self._banks:
+            fits = [s for s in self.sources if all(n >= b for n, b in zip(s.shape[1:], block_shape, strict=True))]
+            if not fits:
+                raise ValueError(f"no patch-bank source is large enough for blocks of shape {block_shape}")
+            rng = np.random.default_rng([self.seed, *block_shape])
+            which = rng.integers(len(fits), size=self.size)
+            crops = []
+            for i in which:
+                src = fits[i]
+                start = [rng.integers(n - b + 1) for n, b in zip(src.shape[1:], block_shape, strict=True)]
+                crops.append(src[(slice(None), *(slice(s, s + b) for s, b in zip(start, block_shape, strict=True)))])
+            self._banks[block_shape] = torch.stack(crops)
+        return self._banks[block_shape]
+
+    def sample(self, original, n_draws, rng, location):
+        crops = self.bank(tuple(original.shape[1:]))
+        return crops[torch.from_numpy(rng.integers(len(crops), size=n_draws))].to(original.dtype)
+
+    def describe(self):
+        return {
+            "name": self.name,
+            "size": self.size,
+            "seed": self.seed,
+            "n_sources": len(self.sources),
+            "source_shapes": [list(s.shape) for s in self.sources[:8]],
+        }

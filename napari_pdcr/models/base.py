@@ -1,0 +1,190 @@
+"""The model wrapper every part of napari-pdcr talks to.
+
+A :class:`SegmentationModel` couples a network (any callable from a batch of images to
+per-pixel scores) with what the engine must know and the file cannot say: spatial
+dimensionality, input channels, output activation, the spatial divisibility the network
+needs, intensity preprocessing and the model's identity (a hash) for provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Activation = Literal["none", "sigmoid", "softmax"]
+Preprocess = Literal["none", "minmax", "zscore"]
+
+
+def hash_module(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes and values), hex digest."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def hash_file(path) -> str:
+    """sha256 of a file's bytes, hex digest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class SegmentationModel:
+    """A segmentation network and what is needed to run and explain it.
+
+    Parameters
+    ----------
+    network
+        Callable mapping a float32 batch ``(N, C, *S)`` to raw scores ``(N, K, *S)``
+        (logits, or probabilities when ``activation="none"``). ``len(S) == spatial_dims``.
+    spatial_dims
+        2 for images ``(C, H, W)``, 3 for volumes ``(C, D, H, W)``.
+    in_channels
+        Number of input channels ``C`` the network expects.
+    activation
+        How raw scores become probabilities: ``"sigmoid"`` (per channel), ``"softmax"``
+        (over channels) or ``"none"`` (the network already outputs probabilities).
+    divisible_by
+        Spatial sizes the network needs to be multiples of (per axis, or one int);
+        inputs are zero-padded at the high end and outputs cropped back.
+    preprocess
+        Intensity preprocessing applied by :meth:`prepare_image` to a raw image:
+        ``"none"``, ``"minmax"`` (to [0, 1]), ``"zscore"``, or a callable on a
+        ``(C, *S)`` float32 array.
+    name
+        Human-readable name, used in layer names and provenance.
+    sha256
+        Identity of the weights (file or state-dict hash). Computed from the network's
+        state dict when it is an ``nn.Module`` and none is given.
+    source
+        Where the model came from (file path, demo name, ...), for provenance.
+    """
+
+    network: Callable[[torch.Tensor], torch.Tensor]
+    spatial_dims: int
+    in_channels: int
+    activation: Activation = "sigmoid"
+    divisible_by: int | tuple[int, ...] = 1
+    preprocess: Preprocess | Callable[[np.ndarray], np.ndarray] = "none"
+    name: str = "model"
+    sha256: str | None = None
+    source: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self):
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.activation not in ("none", "sigmoid", "softmax"):
+            raise ValueError(f"activation must be none, sigmoid or softmax, got {self.activation!r}")
+        if isinstance(self.network, torch.nn.Module):
+            self.network.eval()
+            if self.sha256 is None:
+                self.sha256 = hash_module(self.network)
+        self.device = torch.device(self.device)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def is_module(self) -> bool:
+        """True when the network is an ``nn.Module`` whose submodules can be hooked."""
+        return isinstance(self.network, torch.nn.Module) and not isinstance(
+            self.network, torch.jit.ScriptModule
+        )
+
+    def identity(self) -> dict:
+        """Provenance record: name, source, hash and the settings that shape outputs."""
+        return {
+            "name": self.name,
+            "source": str(self.source),
+            "sha256": self.sha256,
+            "spatial_dims": self.spatial_dims,
+            "in_channels": self.in_channels,
+            "activation": self.activation,
+            "divisible_by": list(self._divisors()),
+            "preprocess": self.preprocess if isinstance(self.preprocess, str) else repr(self.preprocess),
+        }
+
+    # ------------------------------------------------------------------ devices
+    def to(self, device) -> SegmentationModel:
+        """Move the network to ``device`` (in place) and return self."""
+        device = torch.device(device)
+        if hasattr(self.network, "to"):
+            self.network.to(device)
+        self.device = device
+        return self
+
+    # ------------------------------------------------------------------ inputs
+    def check_image(self, image) -> None:
+        """Raise ``ValueError`` unless ``image`` is ``(C, *S)`` with this model's C and dims."""
+        shape = tuple(image.shape)
+        if len(shape) != self.spatial_dims + 1:
+            raise ValueError(
+                f"model {self.name!r} expects a {self.spatial_dims}D image shaped "
+                f"(C, {', '.join('DHW'[-self.spatial_dims:])}) with C={self.in_channels}; "
+                f"got an array of shape {shape}"
+            )
+        if shape[0] != self.in_channels:
+            raise ValueError(
+                f"model {self.name!r} expects {self.in_channels} input channel(s); "
+                f"the image has {shape[0]} (shape {shape})"
+            )
+
+    def prepare_image(self, image) -> torch.Tensor:
+        """Validate a raw ``(C, *S)`` image and return it float32 in model input space.
+
+        Raises ``ValueError`` for a wrong shape or non-finite values.
+        """
+        array = np.asarray(image, dtype=np.float32)
+        self.check_image(array)
+        if not np.isfinite(array).all():
+            raise ValueError("the image contains NaN or infinite values; clean it before explaining")
+        if callable(self.preprocess):
+            array = np.asarray(self.preprocess(array), dtype=np.float32)
+        elif self.preprocess == "minmax":
+            lo, hi = float(array.min()), float(array.max())
+            array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+        elif self.preprocess == "zscore":
+            std = float(array.std())
+            array = (array - float(array.mean())) / (std if std > 0 else 1.0)
+        elif self.preprocess != "none":
+            raise ValueError(f"unknown preprocess {self.preprocess!r}")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+    # ------------------------------------------------------------------ forward
+    def _divisors(self) -> tuple[int, ...]:
+        d = self.divisible_by
+        return (int(d),) * self.spatial_dims if isinstance(d, int) else tuple(int(v) for v in d)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw scores ``(N, K, *S)`` for a batch ``(N, C, *S)`` on this model's device.
+
+        Pads each spatial axis up to a multiple of ``divisible_by`` and crops back.
+        Raises ``FloatingPointError`` when the network returns non-finite values.
+        """
+        spatial = batch.shape[2:]
+        pads = [(-s) % d for s, d in zip(spatial, self._divisors(), strict=True)]
+        x = batch.to(self.device, non_blocking=True)
+        if any(pads):
+            # F.pad takes (last axis low, high, ..., first axis low, high)
+            x = F.pad(x, [p for pad in reversed(pads) for p in (0, pad)])
+        out = self.network(x)
+        if isinstance(out, (tuple, list)):  # deep supervision / auxiliary heads: first is the map
+            out = out[0]
+        if any(pads):
+            out = out[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+        return out
+
+    __call__ = forward

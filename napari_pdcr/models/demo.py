@@ -1,0 +1,152 @@
+"""Small demo brain-extraction models that ship with napari-pdcr.
+
+Each is a MONAI network (or, for ``shallow2d``, a tiny local CNN) trained on Colin27 by
+``sample_data/train_demo_models.py``; held-out Dice is in ``docs/demo_models.md``. All
+take one channel in [0, 1] (the bundled samples as loaded) and output one channel of
+brain-foreground logits (``activation="sigmoid"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.networks.nets import SegResNet, UNet
+from torch import nn
+
+from napari_pdcr._resources import demo_weights_dir
+from napari_pdcr.models.base import SegmentationModel
+
+
+class ShallowCNN(nn.Module):
+    """Four 3x3 convolutions (receptive field 9x9 pixels): a deliberately local model.
+
+    ``(N, 1, H, W)`` -> ``(N, 1, H, W)`` logits.
+    """
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 1, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@dataclass(frozen=True)
+class DemoModelSpec:
+    """How to build one demo model and what it expects.
+
+    ``build`` returns the untrained network; ``divisible_by`` is the spatial multiple it
+    needs; ``sample`` names the bundled sample (``napari_pdcr.samples``) it runs on.
+    """
+
+    build: Callable[[], nn.Module]
+    spatial_dims: int
+    divisible_by: int
+    sample: str
+    description: str
+
+
+DEMO_MODELS: dict[str, DemoModelSpec] = {
+    "unet2d": DemoModelSpec(
+        build=lambda: UNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=1,
+            channels=(8, 16, 32, 64, 128),
+            strides=(2, 2, 2, 2),
+            num_res_units=1,
+            norm="batch",
+        ),
+        spatial_dims=2,
+        divisible_by=16,
+        sample="colin27_slice",
+        description="MONAI 2D U-Net (5 levels, 8-128 channels): brain mask of an axial T1 slice at 1 mm.",
+    ),
+    "unet3d": DemoModelSpec(
+        build=lambda: UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=(8, 16, 32, 64),
+            strides=(2, 2, 2),
+            num_res_units=1,
+            norm="batch",
+        ),
+        spatial_dims=3,
+        divisible_by=8,
+        sample="colin27_volume",
+        description="MONAI 3D U-Net (4 levels, 8-64 channels): brain mask of a T1 head volume at 2 mm.",
+    ),
+    "segresnet2d": DemoModelSpec(
+        build=lambda: SegResNet(
+            spatial_dims=2,
+            init_filters=8,
+            in_channels=1,
+            out_channels=1,
+            blocks_down=(1, 2, 2, 2),
+            blocks_up=(1, 1, 1),
+            norm="batch",
+        ),
+        spatial_dims=2,
+        divisible_by=8,
+        sample="colin27_slice",
+        description="MONAI 2D SegResNet (8 initial filters): brain mask of an axial T1 slice at 1 mm.",
+    ),
+    "shallow2d": DemoModelSpec(
+        build=ShallowCNN,
+        spatial_dims=2,
+        divisible_by=1,
+        sample="colin27_slice",
+        description="Four 3x3 convolutions (9x9 receptive field): a deliberately local 2D model.",
+    ),
+}
+
+
+def demo_model_names() -> list[str]:
+    """Names accepted by :func:`load_demo_model`."""
+    return list(DEMO_MODELS)
+
+
+def demo_weights_path(name: str):
+    """Path of the shipped state dict of demo model ``name`` (may not exist yet)."""
+    return demo_weights_dir() / f"{name}.pt"
+
+
+def load_demo_model(name: str, device="cpu") -> SegmentationModel:
+    """Build demo model ``name``, load its shipped weights and wrap it.
+
+    Raises ``KeyError`` listing the available names for an unknown name, and
+    ``FileNotFoundError`` when the weights were not trained/shipped.
+    """
+    if name not in DEMO_MODELS:
+        raise KeyError(f"unknown demo model {name!r}; available: {', '.join(DEMO_MODELS)}")
+    spec = DEMO_MODELS[name]
+    path = demo_weights_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights of demo model {name!r} are missing ({path}); "
+            "run sample_data/train_demo_models.py"
+        )
+    network = spec.build()
+    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model = SegmentationModel(
+        network=network,
+        spatial_dims=spec.spatial_dims,
+        in_channels=1,
+        activation="sigmoid",
+        divisible_by=spec.divisible_by,
+        preprocess="none",
+        name=name,
+        source=f"demo:{name}",
+    )
+    return model.to(device)

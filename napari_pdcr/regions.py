@@ -1,0 +1,127 @@
+"""Target regions and the block grid the input is cut into."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+
+def box_region(shape: Sequence[int], start: Sequence[int], size: Sequence[int] | int) -> np.ndarray:
+    """Boolean mask of ``shape`` that is True in the box ``[start, start + size)``.
+
+    ``size`` may be one int for a cube/square. Raises ``ValueError`` when the box is
+    empty or leaves the image.
+    """
+    shape = tuple(int(s) for s in shape)
+    size = (int(size),) * len(shape) if np.isscalar(size) else tuple(int(s) for s in size)
+    start = tuple(int(s) for s in start)
+    if not len(start) == len(size) == len(shape):
+        raise ValueError(f"box start {start} and size {size} must have one entry per axis of {shape}")
+    if any(s <= 0 for s in size) or any(a < 0 or a + s > n for a, s, n in zip(start, size, shape, strict=True)):
+        raise ValueError(f"box start={start} size={size} does not lie inside an image of shape {shape}")
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))] = True
+    return mask
+
+
+def centered_box(shape: Sequence[int], center: Sequence[int], size: Sequence[int] | int) -> np.ndarray:
+    """Box mask of ``size`` centred on ``center`` (clipped to stay inside the image)."""
+    size = (int(size),) * len(shape) if np.isscalar(size) else tuple(int(s) for s in size)
+    start = [min(max(int(c) - s // 2, 0), n - s) for c, s, n in zip(center, size, shape, strict=True)]
+    return box_region(shape, start, size)
+
+
+def validate_region(
+    region, spatial_shape: Sequence[int], what: str = "target region", allow_empty: bool = False
+) -> np.ndarray:
+    """Return ``region`` as a bool array of ``spatial_shape``; raise a clear ``ValueError`` otherwise."""
+    region = np.asarray(region)
+    if region.shape != tuple(spatial_shape):
+        raise ValueError(
+            f"the {what} has shape {region.shape} but the image's spatial shape is {tuple(spatial_shape)}"
+        )
+    if region.dtype != bool:
+        if not np.isfinite(region.astype(np.float64, copy=False)).all():
+            raise ValueError(f"the {what} contains NaN or infinite values")
+        region = region != 0
+    if not allow_empty and not region.any():
+        raise ValueError(f"the {what} is empty: paint or choose at least one pixel")
+    return region
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """A grid of blocks of ``block_shape`` covering ``spatial_shape`` (edge blocks are smaller).
+
+    Blocks are numbered in C order over the grid shape ``ceil(spatial_shape / block_shape)``.
+    """
+
+    spatial_shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+
+    @classmethod
+    def create(cls, spatial_shape: Sequence[int], block_shape: Sequence[int] | int) -> BlockGrid:
+        spatial_shape = tuple(int(s) for s in spatial_shape)
+        if np.isscalar(block_shape):
+            block_shape = (int(block_shape),) * len(spatial_shape)
+        block_shape = tuple(int(b) for b in block_shape)
+        if len(block_shape) != len(spatial_shape) or any(b < 1 for b in block_shape):
+            raise ValueError(f"block shape {block_shape} must be positive, one entry per axis of {spatial_shape}")
+        return cls(spatial_shape, block_shape)
+
+    @cached_property
+    def shape(self) -> tuple[int, ...]:
+        """Grid shape: number of blocks per axis."""
+        return tuple(-(-n // b) for n, b in zip(self.spatial_shape, self.block_shape, strict=True))
+
+    @property
+    def n_blocks(self) -> int:
+        return int(np.prod(self.shape))
+
+    def slices(self, index: int) -> tuple[slice, ...]:
+        """Spatial slices of block ``index``."""
+        coords = np.unravel_index(index, self.shape)
+        return tuple(
+            slice(c * b, min((c + 1) * b, n))
+            for c, b, n in zip(coords, self.block_shape, self.spatial_shape, strict=True)
+        )
+
+    def to_voxels(self, block_values: np.ndarray) -> np.ndarray:
+        """Broadcast per-block values ``grid.shape`` to a voxel map ``spatial_shape``."""
+        out = np.asarray(block_values)
+        for axis, b in enumerate(self.block_shape):
+            out = np.repeat(out, b, axis=axis)
+        return out[tuple(slice(0, n) for n in self.spatial_shape)]
+
+    def any_per_block(self, mask: np.ndarray) -> np.ndarray:
+        """Bool ``grid.shape``: which blocks contain at least one True voxel of ``mask``."""
+        return self._reduce(mask.astype(bool), np.logical_or.reduce)
+
+    def mean_per_block(self, values: np.ndarray) -> np.ndarray:
+        return self._reduce(values.astype(np.float64), np.add.reduce) / self._reduce(
+            np.ones(self.spatial_shape), np.add.reduce
+        )
+
+    def _reduce(self, array: np.ndarray, ufunc_reduce) -> np.ndarray:
+        pads = [(0, g * b - n) for g, b, n in zip(self.shape, self.block_shape, self.spatial_shape, strict=True)]
+        padded = np.pad(array, pads)
+        split = []
+        for g, b in zip(self.shape, self.block_shape, strict=True):
+            split += [g, b]
+        reshaped = padded.reshape(split)
+        return ufunc_reduce(reshaped, axis=tuple(range(1, 2 * len(self.shape), 2)))
+
+    def block_distances(self, region: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+        """Distance from each block's centre to the nearest region voxel, ``grid.shape`` (in ``spacing`` units)."""
+        from scipy.ndimage import distance_transform_edt
+
+        spacing = (1.0,) * len(self.spatial_shape) if spacing is None else tuple(float(s) for s in spacing)
+        dist = distance_transform_edt(~region.astype(bool), sampling=spacing)
+        centres = tuple(
+            np.minimum(np.arange(g) * b + b // 2, n - 1)
+            for g, b, n in zip(self.shape, self.block_shape, self.spatial_shape, strict=True)
+        )
+        return dist[np.ix_(*centres)]
