@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from napari_pdcr.engine.blocks import PRECISIONS, InputBlocks
+from napari_pdcr.engine.blocks import PRECISIONS, BlockGroups, InputBlocks
 from napari_pdcr.engine.estimator import (
     BatchRunner,
     EstimatorSettings,
@@ -34,6 +34,7 @@ from napari_pdcr.engine.estimator import (
     estimate_effects,
 )
 from napari_pdcr.engine.reach import aligned_window, reachable_blocks, window_is_exact
+from napari_pdcr.engine.windowed import WindowedInputBlocks
 from napari_pdcr.explanation import RegionExplanation
 from napari_pdcr.interventions import Intervention, make_intervention
 from napari_pdcr.models.base import SegmentationModel
@@ -44,11 +45,12 @@ from napari_pdcr.regions import BlockGrid, validate_region
 #: Presets of the ``mode`` argument: which accelerations are on.
 MODES = {
     # the published estimator, no acceleration but batching (the reference implementation)
-    "published": dict(skip_unreachable=False, crop_to_reach=False, adaptive=False),
+    "published": dict(skip_unreachable=False, crop_to_reach=False, adaptive=False, coarse_factor=1),
     # the same estimand, with the exact accelerations
-    "exact": dict(skip_unreachable=True, crop_to_reach=True, adaptive=False),
-    # exact accelerations + adaptive numbers of draws (approximate, opt-in)
-    "fast": dict(skip_unreachable=True, crop_to_reach=True, adaptive=True),
+    "exact": dict(skip_unreachable=True, crop_to_reach=True, adaptive=False, coarse_factor=1),
+    # exact accelerations + adaptive numbers of draws + coarse-to-fine screening
+    # (approximate, opt-in)
+    "fast": dict(skip_unreachable=True, crop_to_reach=True, adaptive=True, coarse_factor=2),
 }
 
 
@@ -159,6 +161,7 @@ class RegionEffects:
             "tau": s.tau,
             "mode": self.mode,
             "adaptive": s.adaptive,
+            "coarse_factor": MODES[self.mode]["coarse_factor"],
             "se_target": s.se_target if s.adaptive else None,
             "seed": self.seed,
             "device": str(self.device),
@@ -201,34 +204,58 @@ class RegionEffects:
         candidates = ~target_blocks
         timings, log = {}, []
 
+        # A model applied by sliding windows: outside "published" mode, only the windows over
+        # the region run (engine/windowed.py), which replaces accelerations 1 and 2 (a crop
+        # would change the window grid; reach follows from the windows, with no probe).
+        windowed = model.sliding_window is not None and options["crop_to_reach"]
+
         # Exact acceleration 1: skip blocks that provably cannot reach the region.
         reach, probe_passes = candidates, 0
-        if options["skip_unreachable"] and candidates.any():
+        if options["skip_unreachable"] and candidates.any() and not windowed:
             t0 = time.perf_counter()
             reach, probe_passes = reachable_blocks(model, x, grid, region, candidates)
             timings["reach_s"] = time.perf_counter() - t0
-            yield Progress("reach", 0, 1, probe_passes, time.perf_counter() - t_start)
+            yield Progress("reach", 1, 1, probe_passes, time.perf_counter() - t_start)
 
         # Exact acceleration 2: run the model on the smallest window that is verified exact.
         window = None
-        if options["crop_to_reach"]:
+        if options["crop_to_reach"] and not windowed:
             t0 = time.perf_counter()
             window = aligned_window(grid, reach | target_blocks, model._divisors())
             if window != tuple(slice(0, n) for n in spatial):
                 probes = self._window_probes(x, grid, reach)
-                if not window_is_exact(model, x, window, region, probes):
-                    log.append("the reach window did not reproduce the full-image scores; using the full image")
+                try:
+                    exact = window_is_exact(model, x, window, region, probes)
+                except Exception as error:  # noqa: BLE001 - e.g. a model that only takes one input size
+                    log.append(f"the model failed on the reach window ({type(error).__name__}: {error}); using the full image")
+                    exact = False
+                else:
+                    if not exact:
+                        log.append("the reach window did not reproduce the full-image scores; using the full image")
+                if not exact:
                     window = None
             else:
                 window = None
             timings["window_s"] = time.perf_counter() - t0
 
-        nodes = InputBlocks(model, x, grid, region, self.outcome, self.intervention, ref, window, self.precision)
+        if windowed:
+            nodes = WindowedInputBlocks(model, x, grid, region, self.outcome, self.intervention, ref, self.precision)
+            if options["skip_unreachable"]:
+                reach = candidates & nodes.reachable_blocks()
+        else:
+            nodes = InputBlocks(model, x, grid, region, self.outcome, self.intervention, ref, window, self.precision)
         batch_size = self.batch_size or default_batch_size(self.device, nodes.item_bytes, self.memory_budget_mb)
         runner = BatchRunner(batch_size)
-        estimates = yield from estimate_effects(nodes, np.flatnonzero(reach.ravel()), self.settings, runner)
+        to_estimate = np.flatnonzero(reach.ravel())
+        pruned, coarse_passes = np.zeros(grid.n_blocks, bool), 0
+        if options["coarse_factor"] > 1 and not windowed and not nodes.deterministic and self.settings.n_screen:
+            pruned, coarse_passes = yield from self._coarse_screen(nodes, grid, to_estimate, runner, options["coarse_factor"])
+            to_estimate = to_estimate[~pruned[to_estimate]]
+        estimates = yield from estimate_effects(nodes, to_estimate, self.settings, runner)
 
         status = estimates.status.reshape(grid.shape)
+        status.ravel()[pruned] = NodeStatus.PRUNED_COARSE
+        estimates.n_draws[pruned] = self.settings.n_screen
         status[target_blocks] = NodeStatus.TARGET
         prediction = self._full_prediction(model, x, nodes)
         timings["estimate_s"] = estimates.elapsed_s
@@ -241,6 +268,9 @@ class RegionEffects:
             n_reachable_blocks=int(reach.sum()),
             reference="given" if ref is not None else "model prediction",
         )
+        if windowed:
+            parameters["sliding_window"] = {**model.sliding_window.describe(), **nodes.summary()}
+            log += nodes.log
         return RegionExplanation(
             block_effects=estimates.ate.reshape(grid.shape).astype(np.float32),
             block_standard_error=estimates.standard_error.reshape(grid.shape).astype(np.float32),
@@ -259,10 +289,30 @@ class RegionEffects:
                 "seed": self.seed,
             },
             timings=timings,
-            forward_passes=estimates.forward_passes + probe_passes,
+            forward_passes=estimates.forward_passes + probe_passes + coarse_passes,
             spacing=None if spacing is None else tuple(float(s) for s in spacing),
             log=log + estimates.log,
         )
+
+    def _coarse_screen(self, nodes: InputBlocks, grid: BlockGrid, blocks: np.ndarray, runner: BatchRunner, factor: int):
+        """Approximate: screen ``factor``-times coarser groups of ``blocks`` jointly first.
+
+        A group whose ``n_screen`` joint draws all change the outcome by less than tau
+        has its blocks pruned (reported 0, status PRUNED_COARSE) without a fine screen.
+        Returns the pruned mask over all blocks and the forward passes used.
+        """
+        keys = np.stack(np.unravel_index(blocks, grid.shape), axis=1) // factor
+        _, inverse = np.unique(keys, axis=0, return_inverse=True)
+        groups = [blocks[inverse.ravel() == g] for g in range(inverse.max() + 1)] if len(blocks) else []
+        groups = [g for g in groups if len(g) > 1]  # a single block is screened as itself
+        pruned = np.zeros(grid.n_blocks, bool)
+        if not groups:
+            return pruned, 0
+        settings = EstimatorSettings(n_screen=0, n_estimate=self.settings.n_screen, tau=0.0, seed=self.seed + 7919)
+        coarse = yield from estimate_effects(BlockGroups(nodes, groups), range(len(groups)), settings, runner, "coarse ")
+        for group, max_change in zip(groups, coarse.max_abs_change, strict=True):
+            pruned[group] = max_change < self.settings.tau
+        return pruned, coarse.forward_passes
 
     def _window_probes(self, x: torch.Tensor, grid: BlockGrid, reach: np.ndarray, n: int = 3) -> list[torch.Tensor]:
         """Intervened images for window verification: noise in a few reachable blocks."""

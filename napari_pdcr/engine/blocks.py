@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from napari_pdcr.engine.estimator import NodeSet
+from napari_pdcr.engine.estimator import NodeSet, is_out_of_memory
 from napari_pdcr.interventions.base import Intervention
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
@@ -73,7 +73,15 @@ class InputBlocks(NodeSet):
         self.item_bytes = self.crop.numel() * self.crop.element_size()
         intervention.prepare(image)
 
-        base_scores = self.region_scores(self.crop[None])
+        try:
+            base_scores = self.region_scores(self.crop[None])
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory
+            if not is_out_of_memory(error):
+                raise
+            raise MemoryError(
+                "out of memory even with one image per batch: choose a smaller target "
+                "region or volume, or another device"
+            ) from error
         self.n_channels = base_scores.shape[1]
         self.channel = outcome.resolve_channel(self.n_channels, model.activation)
         predicted = outcome.predicted_mask(base_scores, model.activation, self.channel)[0].cpu()
@@ -110,7 +118,39 @@ class InputBlocks(NodeSet):
         return tuple(slice(s.start - o, s.stop - o) for s, o in zip(self.grid.slices(node), self.offset, strict=True))
 
     def outcomes(self, nodes: Sequence[int], replacements: Sequence[torch.Tensor]) -> torch.Tensor:
-        batch = self.crop.expand(len(nodes), *self.crop.shape).clone()
-        for i, (node, rep) in enumerate(zip(nodes, replacements, strict=True)):
-            batch[(i, slice(None), *self.local_slices(node))] = rep
+        return self.grouped_outcomes([(n,) for n in nodes], [(r,) for r in replacements])
+
+    def grouped_outcomes(
+        self, node_groups: Sequence[Sequence[int]], replacement_groups: Sequence[Sequence[torch.Tensor]]
+    ) -> torch.Tensor:
+        """Outcomes ``(B,)``: item ``i`` has every block of ``node_groups[i]`` replaced at once."""
+        batch = self.crop.expand(len(node_groups), *self.crop.shape).clone()
+        for i, (group, reps) in enumerate(zip(node_groups, replacement_groups, strict=True)):
+            for node, rep in zip(group, reps, strict=True):
+                batch[(i, slice(None), *self.local_slices(node))] = rep
         return self._outcome(self.region_scores(batch))
+
+
+class BlockGroups(NodeSet):
+    """Groups of input blocks, each group intervened on jointly (for coarse screening).
+
+    A draw for a group is an independent draw for each of its blocks.
+    """
+
+    def __init__(self, blocks: InputBlocks, groups: Sequence[np.ndarray]):
+        self.blocks, self.groups = blocks, [np.asarray(g) for g in groups]
+        self.deterministic, self.item_bytes = blocks.deterministic, blocks.item_bytes
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.groups)
+
+    def base_outcome(self) -> float:
+        return self.blocks.base_outcome()
+
+    def sample(self, node: int, n_draws: int, rng: np.random.Generator) -> list[tuple[torch.Tensor, ...]]:
+        per_block = [self.blocks.sample(int(b), n_draws, rng) for b in self.groups[node]]
+        return [tuple(draws[d] for draws in per_block) for d in range(n_draws)]
+
+    def outcomes(self, nodes, replacements) -> torch.Tensor:
+        return self.blocks.grouped_outcomes([self.groups[n] for n in nodes], replacements)

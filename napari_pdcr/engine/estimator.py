@@ -165,6 +165,7 @@ class NodeEstimates:
     standard_error: np.ndarray  #: standard error of the mean change (0 for one/deterministic draw)
     n_draws: np.ndarray  #: draws used for the reported estimate (int32)
     status: np.ndarray  #: NodeStatus codes (int8)
+    max_abs_change: np.ndarray  #: largest |change| seen in any draw, screen included (float64)
     base_outcome: float
     forward_passes: int
     elapsed_s: float
@@ -225,6 +226,7 @@ def estimate_effects(
     base = float(node_set.base_outcome())
     passes0 = runner.forward_passes
     acc = _Accumulator(n)
+    max_abs_seen = np.zeros(n)
     status = np.full(n, NodeStatus.UNREACHABLE, np.int8)
     deterministic = node_set.deterministic
     s = settings
@@ -251,6 +253,7 @@ def estimate_effects(
             if not np.isfinite(deltas).all():
                 raise FloatingPointError("the model returned non-finite outputs for an intervened input")
             acc.add(np.asarray(batch_nodes), deltas)
+            np.maximum.at(max_abs_seen, np.asarray(batch_nodes), np.abs(deltas))
             done += len(batch_nodes)
             yield Progress(
                 stage_prefix + name, done, total, runner.forward_passes - passes0, time.perf_counter() - t0
@@ -295,6 +298,7 @@ def estimate_effects(
         standard_error=np.where(status == NodeStatus.SCREENED_OUT, 0.0, np.nan_to_num(se)),
         n_draws=n_draws,
         status=status,
+        max_abs_change=max_abs_seen,
         base_outcome=base,
         forward_passes=runner.forward_passes - passes0,
         elapsed_s=time.perf_counter() - t0,
