@@ -87,13 +87,21 @@ class RegionExplanation:
     def histogram(self) -> tuple[np.ndarray, np.ndarray]:
         """Block-effect histogram with the published edges (+-3, +-1, +-0.3, +-tau).
 
-        Returns ``(edges, counts)``: ``edges`` has 10 entries from -inf to inf, counts 9;
-        the middle bin ``[-tau, tau)`` holds the zero blocks.
+        Returns ``(edges, counts)``: ``edges`` has 10 entries from -inf to inf, counts 9.
+        Bins are by magnitude and mirror each other: a value on an edge belongs to the bin
+        farther from zero (as the tau rule keeps ``|ATE| >= tau``), so the middle bin
+        ``(-tau, tau)`` holds exactly the zero blocks of an engine result.
         """
-        tau = float(self.parameters.get("tau", 0.02))
-        inner = sorted({*(-e for e in PUBLISHED_EDGES), -tau, tau, *PUBLISHED_EDGES})
-        edges = np.array([-np.inf, *inner, np.inf])
-        counts, _ = np.histogram(self.block_effects[self._explained()], bins=edges)
+        tau = abs(float(self.parameters.get("tau", 0.02)))
+        magnitudes = np.array(sorted({tau, *PUBLISHED_EDGES}))
+        edges = np.concatenate([[-np.inf], -magnitudes[::-1], magnitudes, [np.inf]])
+        values = self.block_effects[self._explained()]
+        # compare in the map's precision, so that a kept effect of exactly tau stored as
+        # float32 is not rounded into the zero bin
+        level = np.searchsorted(magnitudes.astype(values.dtype), np.abs(values), side="right")
+        level[values == 0] = 0
+        middle = len(magnitudes)
+        counts = np.bincount(middle + np.sign(values).astype(np.int64) * level, minlength=2 * middle + 1)
         return edges, counts
 
     def block_distances(self) -> np.ndarray:

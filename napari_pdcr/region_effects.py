@@ -33,7 +33,12 @@ from napari_pdcr.engine.estimator import (
     drive,
     estimate_effects,
 )
-from napari_pdcr.engine.reach import aligned_window, reachable_blocks, window_is_exact
+from napari_pdcr.engine.reach import (
+    aligned_window,
+    reachable_blocks,
+    verify_unreachable,
+    window_is_exact,
+)
 from napari_pdcr.engine.windowed import WindowedInputBlocks
 from napari_pdcr.explanation import RegionExplanation
 from napari_pdcr.interventions import Intervention, make_intervention
@@ -214,6 +219,11 @@ class RegionEffects:
         if options["skip_unreachable"] and candidates.any() and not windowed:
             t0 = time.perf_counter()
             reach, probe_passes = reachable_blocks(model, x, grid, region, candidates)
+            verified, passes = verify_unreachable(model, x, grid, region, reach, candidates, self.seed)
+            probe_passes += passes
+            if not verified:
+                log.append("NaN propagation does not hold for this model (does it remove NaN?); no block is skipped")
+                reach = candidates
             timings["reach_s"] = time.perf_counter() - t0
             yield Progress("reach", 1, 1, probe_passes, time.perf_counter() - t_start)
 

@@ -92,8 +92,16 @@ def colin27_split() -> tuple[np.ndarray, np.ndarray]:
 def _layers(name: str) -> list[tuple]:
     sample = load_sample(name)
     return [
-        (sample["image"], {"name": f"{name} image", "scale": sample["spacing"], "colormap": "gray"}, "image"),
-        (sample["mask"], {"name": f"{name} brain mask", "scale": sample["spacing"], "opacity": 0.4}, "labels"),
+        (
+            sample["image"],
+            {"name": f"{name} image", "scale": sample["spacing"], "colormap": "gray"},
+            "image",
+        ),
+        (
+            sample["mask"],
+            {"name": f"{name} brain mask", "scale": sample["spacing"], "opacity": 0.4},
+            "labels",
+        ),
     ]
 
 

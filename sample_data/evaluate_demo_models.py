@@ -44,10 +44,16 @@ def mean_slice_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([dice(p, t) for p, t in zip(prediction, truth, strict=True) if t.any()]))
 
 
-def pad_center(images: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[slice, slice]]:
+def pad_center(
+    images: np.ndarray, shape: tuple[int, int]
+) -> tuple[np.ndarray, tuple[slice, slice]]:
     """Zero-pad ``(N, H, W)`` images, centred, to ``(N, *shape)``; also the slices that undo it."""
     before = [(s - n) // 2 for s, n in zip(shape, images.shape[1:], strict=True)]
-    padded = np.pad(images, [(0, 0)] + [(b, s - n - b) for b, s, n in zip(before, shape, images.shape[1:], strict=True)])
+    padded = np.pad(
+        images,
+        [(0, 0)]
+        + [(b, s - n - b) for b, s, n in zip(before, shape, images.shape[1:], strict=True)],
+    )
     return padded, tuple(slice(b, b + n) for b, n in zip(before, images.shape[1:], strict=True))
 
 
@@ -97,7 +103,9 @@ def evaluate_3d(name: str) -> dict:
 def model_facts(name: str) -> tuple[int, float]:
     """Parameter count and weight-file size (kB) of demo model ``name``."""
     network = DEMO_MODELS[name].build()
-    return sum(p.numel() for p in network.parameters()), demo_weights_path(name).stat().st_size / 1e3
+    return sum(p.numel() for p in network.parameters()), demo_weights_path(
+        name
+    ).stat().st_size / 1e3
 
 
 def render(results_2d: dict, results_3d: dict) -> str:
@@ -111,7 +119,7 @@ def render(results_2d: dict, results_3d: dict) -> str:
         "",
         "Task: brain extraction (binary brain mask) from T1 MRI. A voxel is brain when the",
         "model's sigmoid probability is > 0.5. Dice is pooled over all voxels of a set",
-        "(\"mean/slice\": mean of per-slice Dice over slices with brain).",
+        '("mean/slice": mean of per-slice Dice over slices with brain).',
         "",
         "## Data",
         "",
@@ -119,7 +127,7 @@ def render(results_2d: dict, results_3d: dict) -> str:
         "  reordered to (D, H, W) = (inferior->superior, anterior->posterior, left->right).",
         f"  `colin27_slices`: every 4th axial slice with brain ({len(train) + len(heldout)} slices,"
         f" d = {colin_slices['slice_index'][0]}..{colin_slices['slice_index'][-1]}).",
-        f"  **Split** (stored with the data, `napari_pdcr.samples.colin27_split`): interleaved; stack",
+        "  **Split** (stored with the data, `napari_pdcr.samples.colin27_split`): interleaved; stack",
         f"  positions 2, 6, 10, ... ({len(heldout)} slices, every 16 mm) are held out, the other"
         f" {len(train)} train.",
         "  Each held-out slice is 4 mm from the nearest training slice, so Colin27 numbers measure",
@@ -130,9 +138,14 @@ def render(results_2d: dict, results_3d: dict) -> str:
         f"  training: `itk_slices` ({len(itk_slices['image'])} axial slices at 1 mm) and `itk_volume` (2 mm).",
         "  Its mask is a looser skull strip than `ch2bet` (it keeps more CSF around the",
         "  cortex), so part of the gap to Colin27 is label convention, not model error.",
-        "- 2D models trained on Colin27 training slices only; `unet3d` trained on the Colin27",
-        "  2 mm volume only (random affine/intensity augmentation), so its Colin27 Dice is",
-        "  **training** Dice; the ITK volume is its only held-out test.",
+        "- **Training** (`sample_data/train_demo_models.py`, fixed seeds, 2 CPU threads): 2D models",
+        "  on the Colin27 training slices only, each randomly rotated (+-15 deg), scaled (0.85-1.15),",
+        "  flipped left-right and shifted onto a zero 256x256 canvas, then blurred and",
+        "  gamma/contrast-jittered; Dice + cross-entropy loss, Adam. `unet3d` on the Colin27 2 mm",
+        "  volume only (the same augmentations in 3D, on a 96x112x96 canvas; BatchNorm statistics",
+        "  then set to those of the un-augmented volume), so its Colin27 Dice is **training** Dice",
+        "  and the ITK volume is its only held-out test. Models not trained by that script (see",
+        "  their descriptions) come from other scripts in `sample_data/` on the same split.",
         "",
         "## 2D models (axial slices, 1 mm)",
         "",
@@ -172,7 +185,11 @@ def main() -> None:
             continue
         result = evaluate_2d(name) if spec.spatial_dims == 2 else evaluate_3d(name)
         (results_2d if spec.spatial_dims == 2 else results_3d)[name] = result
-        print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}, flush=True)
+        print(
+            name,
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
+            flush=True,
+        )
     DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
     DOC_PATH.write_text(render(results_2d, results_3d))
     print(f"wrote {DOC_PATH}")

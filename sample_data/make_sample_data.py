@@ -134,7 +134,9 @@ def render_preview(path: Path) -> None:
             ax = axes[row, column]
             ax.imshow(img, cmap="gray")
             ax.contour(msk, levels=[0.5], colors="r", linewidths=0.6)
-            ax.set_title(f"{file.stem}\n{'axial' if row == 0 else 'sagittal'} {img.shape}", fontsize=7)
+            ax.set_title(
+                f"{file.stem}\n{'axial' if row == 0 else 'sagittal'} {img.shape}", fontsize=7
+            )
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -154,8 +156,10 @@ def main() -> None:
     shape_1mm = (colin.shape[2], colin.shape[1], colin.shape[0])
     colin_center = (colin_affine @ np.append((np.array(colin.shape) - 1) / 2, 1.0))[:3]
     # The ITK brain goes where Colin27's brain is within that field of view.
-    itk_center = colin_center + mask_bbox_center(itk_strip, itk_affine) - mask_bbox_center(
-        colin_bet, colin_affine
+    itk_center = (
+        colin_center
+        + mask_bbox_center(itk_strip, itk_affine)
+        - mask_bbox_center(colin_bet, colin_affine)
     )
     shape_2mm = tuple((np.array(shape_1mm) - 1) // 2 + 1)  # (91, 109, 91), same field of view
     spacing_1mm = np.array([1.0, 1.0, 1.0])

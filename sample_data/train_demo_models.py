@@ -7,10 +7,14 @@ flipped onto a zero 256x256 canvas (so the models also work on slices zero-padde
 volume (the only training volume) with the same kinds of augmentation in 3D. The second
 subject (ITK) is never used here.
 
-    python sample_data/train_demo_models.py                 # all models
-    python sample_data/train_demo_models.py --models unet2d # a subset
+    PYTHONPATH=. python sample_data/train_demo_models.py                 # all models
+    PYTHONPATH=. python sample_data/train_demo_models.py --models unet2d # a subset
 
-Writes ``napari_pdcr/models/weights/<name>.pt`` (a plain state dict).
+Writes ``napari_pdcr/models/weights/<name>.pt`` (a plain state dict). Fixed seeds, 2
+threads, deterministic algorithms: the same machine and versions give the same weights.
+On a busy shared machine set ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads then sleep
+instead of spinning while waiting, which here made training steps ~6x faster under load
+without changing any result.
 """
 
 from __future__ import annotations
@@ -35,18 +39,23 @@ CANVAS_3D = (96, 112, 96)  # (D, H, W) voxels at 2 mm
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings: Adam with cosine-decayed learning rate ``lr``."""
+    """Optimisation settings: Adam with cosine-decayed learning rate ``lr``.
+
+    ``recalibrate_bn``: after training, set BatchNorm statistics to those of the
+    un-augmented training images (see :func:`recalibrate_batch_norm`).
+    """
 
     steps: int
     batch_size: int
     lr: float
+    recalibrate_bn: bool = False
 
 
 TRAINING: dict[str, TrainConfig] = {
     "unet2d": TrainConfig(steps=400, batch_size=8, lr=3e-3),
-    "unet3d": TrainConfig(steps=150, batch_size=2, lr=3e-3),
-    "segresnet2d": TrainConfig(steps=400, batch_size=8, lr=3e-3),
-    "shallow2d": TrainConfig(steps=300, batch_size=8, lr=3e-3),
+    "unet3d": TrainConfig(steps=300, batch_size=2, lr=3e-3, recalibrate_bn=True),
+    "segresnet2d": TrainConfig(steps=250, batch_size=8, lr=3e-3),
+    "shallow2d": TrainConfig(steps=200, batch_size=8, lr=3e-3),
 }
 
 
@@ -78,15 +87,23 @@ def random_affine_resample(images, masks, out_shape, max_angle, max_shift, gen):
     scale = 0.85 + 0.3 * torch.rand(batch, 1, 1, generator=gen)
     flip = torch.ones(batch, ndim)
     flip[:, 0] = torch.where(torch.rand(batch, generator=gen) < 0.5, -1.0, 1.0)  # x = last axis
-    shift = (torch.rand(batch, ndim, generator=gen) * 2 - 1) * torch.tensor(max_shift[::-1], dtype=torch.float32)
+    shift = (torch.rand(batch, ndim, generator=gen) * 2 - 1) * torch.tensor(
+        max_shift[::-1], dtype=torch.float32
+    )
     # grid_sample works in normalised (x, y[, z]) = reversed axis order; half sizes in voxels
     half_in = torch.tensor(images.shape[2:][::-1], dtype=torch.float32) / 2
     half_out = torch.tensor(out_shape[::-1], dtype=torch.float32) / 2
-    linear = torch.diag(1 / half_in) @ (rotation / scale) @ torch.diag_embed(flip) @ torch.diag(half_out)
+    linear = (
+        torch.diag(1 / half_in) @ (rotation / scale) @ torch.diag_embed(flip) @ torch.diag(half_out)
+    )
     theta = torch.cat([linear, (shift / half_in)[..., None]], dim=-1)
     grid = F.affine_grid(theta, (batch, 1, *out_shape), align_corners=False)
-    warped_image = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    warped_mask = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped_image = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    warped_mask = F.grid_sample(
+        masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return warped_image, (warped_mask > 0.5).float()
 
 
@@ -98,7 +115,9 @@ def random_blur(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if sigma < 0.3:
             continue
         radius = math.ceil(3 * sigma)
-        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        taps = torch.exp(
+            -0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2
+        )
         kernel_shape = [1, 1] + [1] * ndim
         kernel_shape[2 + axis] = len(taps)
         kernel = (taps / taps.sum()).reshape(kernel_shape)
@@ -142,6 +161,30 @@ def training_data(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images), torch.from_numpy(masks.astype(np.float32))
 
 
+def recalibrate_batch_norm(network: torch.nn.Module, images: torch.Tensor, multiple: int) -> None:
+    """Replace BatchNorm running statistics by the exact statistics of ``images`` ``(N, *S)``.
+
+    Each image is zero-padded at the high end to a multiple of ``multiple`` (as
+    ``SegmentationModel`` does) and run once in training mode with a cumulative average.
+    With batches of two augmented volumes, ``unet3d`` learns to lean on per-batch
+    statistics, and the running averages over augmented batches left it at Dice ~0.80 in
+    eval mode even on its training volume; the statistics of the un-augmented training
+    volume restore the per-batch behaviour (Dice 0.96 there, 0.92 on the held-out subject).
+    """
+    batch_norms = [
+        m for m in network.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d))
+    ]
+    for batch_norm in batch_norms:
+        batch_norm.reset_running_stats()
+        batch_norm.momentum = None  # cumulative moving average over the passes below
+    network.train()
+    with torch.no_grad():
+        for image in images:
+            pads = [(-size) % multiple for size in image.shape]
+            network(F.pad(image[None, None], [p for pad in reversed(pads) for p in (0, pad)]))
+    network.eval()
+
+
 def train(name: str) -> tuple[torch.nn.Module, float]:
     """Train demo model ``name`` from a fixed seed; returns the network and seconds taken."""
     spec, config = DEMO_MODELS[name], TRAINING[name]
@@ -163,7 +206,12 @@ def train(name: str) -> tuple[torch.nn.Module, float]:
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == config.steps - 1:
-            print(f"  {name} step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f} s", flush=True)
+            print(
+                f"  {name} step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f} s",
+                flush=True,
+            )
+    if config.recalibrate_bn:
+        recalibrate_batch_norm(network, images, spec.divisible_by)
     return network.eval(), time.perf_counter() - start
 
 
@@ -179,7 +227,9 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(network.state_dict(), path)
         n_params = sum(p.numel() for p in network.parameters())
-        print(f"{name}: {n_params} parameters, {seconds:.0f} s, {path.stat().st_size / 1e3:.0f} kB -> {path}")
+        print(
+            f"{name}: {n_params} parameters, {seconds:.0f} s, {path.stat().st_size / 1e3:.0f} kB -> {path}"
+        )
 
 
 if __name__ == "__main__":

@@ -312,14 +312,16 @@ def drive(generator: Generator, callback=None):
     ``callback(progress)`` is called for every yielded :class:`Progress`; if it returns
     ``False`` the run is cancelled and :class:`Cancelled` is raised.
     """
-    while True:
-        try:
-            progress = next(generator)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None and callback(progress) is False:
-            generator.close()
-            raise Cancelled("the run was cancelled; no result was produced")
+    try:
+        while True:
+            try:
+                progress = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            if callback is not None and callback(progress) is False:
+                raise Cancelled("the run was cancelled; no result was produced")
+    finally:
+        generator.close()  # also when the callback raises: release the run's resources now
 
 
 class Cancelled(Exception):

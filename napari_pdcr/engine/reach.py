@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from napari_pdcr.engine.estimator import is_out_of_memory
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.regions import BlockGrid
 
@@ -52,22 +53,70 @@ def reachable_blocks(
             keys = coords[members] // level
             _, inverse = np.unique(keys, axis=0, return_inverse=True)
             groups += [members[inverse.ravel() == g] for g in range(inverse.max() + 1)]
-        hits = []
-        for start in range(0, len(groups), batch_size):
+        hits, start = [], 0
+        while start < len(groups):
             chunk = groups[start : start + batch_size]
             batch = image.expand(len(chunk), *image.shape).clone()
             for i, members in enumerate(chunk):
                 for b in members:
                     batch[(i, slice(None), *grid.slices(int(b)))] = float("nan")
-            with torch.inference_mode():
-                scores = model(batch).flatten(2)[:, :, region_index.to(model.device)]
+            try:
+                with torch.inference_mode():
+                    scores = model(batch).flatten(2)[:, :, region_index.to(model.device)]
+            except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory
+                if not is_out_of_memory(error):
+                    raise
+                if batch_size == 1:
+                    raise MemoryError(
+                        "out of memory even with one image per batch: choose a smaller target "
+                        "region or volume, or another device"
+                    ) from error
+                batch_size = max(1, batch_size // 2)  # back off, as BatchRunner does
+                continue
             passes += len(chunk)
             hits += torch.isnan(scores).flatten(1).any(dim=1).tolist()
+            start += len(chunk)
         for members, hit in zip(groups, hits, strict=True):
             if not hit:
                 reach[members] = False
         open_groups = [m for m, h in zip(groups, hits, strict=True) if h]
     return reach.reshape(grid.shape), passes
+
+
+def verify_unreachable(
+    model: SegmentationModel,
+    image: torch.Tensor,
+    grid: BlockGrid,
+    target_region: np.ndarray,
+    reach: np.ndarray,
+    candidates: np.ndarray,
+    seed: int = 0,
+    rtol: float = 1e-4,
+) -> tuple[bool, int]:
+    """Check the NaN-propagation proof with ordinary values.
+
+    Fills every candidate block that :func:`reachable_blocks` marked unreachable with
+    random values (in the image's range) at once; the target region's scores must not
+    change. A model that removes NaN (``nan_to_num``, masking by a comparison, ...)
+    defeats NaN propagation, and this catches it. Returns ``(ok, forward passes)``.
+    """
+    skipped = np.flatnonzero((candidates & ~reach).ravel())
+    if len(skipped) == 0:
+        return True, 0
+    rng = np.random.default_rng([seed, 98])
+    lo, hi = float(image.min()), float(image.max())
+    hi = hi if hi > lo else lo + 1.0
+    probe = image.clone()
+    for b in skipped:
+        where = (slice(None), *grid.slices(int(b)))
+        values = rng.uniform(lo, hi, size=tuple(probe[where].shape)).astype(np.float32)
+        probe[where] = torch.from_numpy(values).to(image.device)
+    index = torch.from_numpy(np.flatnonzero(target_region)).to(model.device)
+    with torch.inference_mode():
+        base = model(image[None]).flatten(2)[:, :, index]
+        changed = model(probe[None]).flatten(2)[:, :, index]
+    scale = float(base.abs().max().clamp_min(1.0))
+    return bool(((base - changed).abs().max() <= rtol * scale).item()), 2
 
 
 def aligned_window(
@@ -100,10 +149,12 @@ def window_is_exact(
     """
     full_index = torch.from_numpy(np.flatnonzero(target_region))
     crop_index = torch.from_numpy(np.flatnonzero(target_region[window]))
-    batch = torch.stack([image, *probes])
-    with torch.inference_mode():
-        full = model(batch).flatten(2)[:, :, full_index.to(model.device)]
-        crop = model(batch[(slice(None), slice(None), *window)].contiguous()).flatten(2)
-        crop = crop[:, :, crop_index.to(model.device)]
-    scale = float(full.abs().max().clamp_min(1.0))
-    return bool(((full - crop).abs().max() <= rtol * scale).item())
+    for probe in [image, *probes]:  # one image at a time: the batch size that always fits
+        with torch.inference_mode():
+            full = model(probe[None]).flatten(2)[:, :, full_index.to(model.device)]
+            crop = model(probe[(None, slice(None), *window)].contiguous()).flatten(2)
+            crop = crop[:, :, crop_index.to(model.device)]
+        scale = float(full.abs().max().clamp_min(1.0))
+        if not bool(((full - crop).abs().max() <= rtol * scale).item()):
+            return False
+    return True

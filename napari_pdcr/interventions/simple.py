@@ -87,7 +87,7 @@ class Noise(Intervention):
         self.mean, self.std = mean, std
 
     def prepare(self, image):
-        flat = image.reshape(image.shape[0], -1).double()
+        flat = image.reshape(image.shape[0], -1).double().cpu()  # draws are made with numpy
         self._mean = flat.mean(dim=1) if self.mean is None else torch.full((image.shape[0],), float(self.mean))
         self._std = flat.std(dim=1) if self.std is None else torch.full((image.shape[0],), float(self.std))
 

@@ -11,11 +11,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from napari_pdcr.models.sliding_window import SlidingWindow
+
+if TYPE_CHECKING:
+    from napari_pdcr.models.description import ModelDescription
 
 Activation = Literal["none", "sigmoid", "softmax"]
 Preprocess = Literal["none", "minmax", "zscore"]
@@ -72,6 +77,12 @@ class SegmentationModel:
         state dict when it is an ``nn.Module`` and none is given.
     source
         Where the model came from (file path, demo name, ...), for provenance.
+    sliding_window
+        When set, the network is applied window-wise (MONAI ``sliding_window_inference``
+        semantics) by :meth:`forward`; :meth:`forward_network` runs it on one batch as is.
+    description
+        The :class:`~napari_pdcr.models.description.ModelDescription` the model was
+        loaded with (what was given and what was inferred; channel, temperature), if any.
     """
 
     network: Callable[[torch.Tensor], torch.Tensor]
@@ -84,6 +95,8 @@ class SegmentationModel:
     sha256: str | None = None
     source: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sliding_window: SlidingWindow | None = None
+    description: ModelDescription | None = None
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
@@ -115,6 +128,7 @@ class SegmentationModel:
             "activation": self.activation,
             "divisible_by": list(self._divisors()),
             "preprocess": self.preprocess if isinstance(self.preprocess, str) else repr(self.preprocess),
+            "sliding_window": self.sliding_window.describe() if self.sliding_window else None,
         }
 
     # ------------------------------------------------------------------ devices
@@ -171,8 +185,17 @@ class SegmentationModel:
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Raw scores ``(N, K, *S)`` for a batch ``(N, C, *S)`` on this model's device.
 
+        Window-wise when :attr:`sliding_window` is set, else :meth:`forward_network`.
+        """
+        if self.sliding_window is not None:
+            return self.sliding_window.infer(self.forward_network, batch.to(self.device, non_blocking=True))
+        return self.forward_network(batch)
+
+    def forward_network(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw scores ``(N, K, *S)`` of the network on ``batch`` ``(N, C, *S)`` as it is (one window).
+
         Pads each spatial axis up to a multiple of ``divisible_by`` and crops back.
-        Raises ``FloatingPointError`` when the network returns non-finite values.
+        Raises ``ValueError`` when the network's output is not ``(N, K, *S)`` of its input's size.
         """
         spatial = batch.shape[2:]
         pads = [(-s) % d for s, d in zip(spatial, self._divisors(), strict=True)]
@@ -183,6 +206,11 @@ class SegmentationModel:
         out = self.network(x)
         if isinstance(out, (tuple, list)):  # deep supervision / auxiliary heads: first is the map
             out = out[0]
+        if out.ndim != x.ndim or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"model {self.name!r} returned scores of shape {tuple(out.shape)} for an input of shape "
+                f"{tuple(x.shape)}: a segmentation model must return (N, K, *S) with the input's spatial size"
+            )
         if any(pads):
             out = out[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
         return out

@@ -1,7 +1,9 @@
 """Small demo brain-extraction models that ship with napari-pdcr.
 
 Each is a MONAI network (or, for ``shallow2d``, a tiny local CNN) trained on Colin27 by
-``sample_data/train_demo_models.py``; held-out Dice is in ``docs/demo_models.md``. All
+``sample_data/train_demo_models.py`` (``vit2d``, a small transformer from
+:mod:`napari_pdcr.models.vit`, by ``sample_data/train_comparison_models.py`` on the same
+data); held-out Dice is in ``docs/demo_models.md``. All
 take one channel in [0, 1] (the bundled samples as loaded) and output one channel of
 brain-foreground logits (``activation="sigmoid"``).
 """
@@ -17,6 +19,7 @@ from torch import nn
 
 from napari_pdcr._resources import demo_weights_dir
 from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.models.vit import ViTSegNet
 
 
 class ShallowCNN(nn.Module):
@@ -108,6 +111,14 @@ DEMO_MODELS: dict[str, DemoModelSpec] = {
         divisible_by=1,
         sample="colin27_slice",
         description="Four 3x3 convolutions (9x9 receptive field): a deliberately local 2D model.",
+    ),
+    "vit2d": DemoModelSpec(
+        build=ViTSegNet,
+        spatial_dims=2,
+        divisible_by=16,
+        sample="colin27_slice",
+        description="UNETR-style 2D transformer (global self-attention over 16x16 patches, 4 layers, "
+        "conv decoder): brain mask of an axial T1 slice at 1 mm.",
     ),
 }
 

@@ -1,6 +1,8 @@
-"""Choosing the device a model runs on."""
+"""Choosing the device a model runs on, and CPU threads."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -17,13 +19,55 @@ def available_devices() -> list[str]:
     return [*found, "cpu"]
 
 
-def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (cuda, then mps, then cpu) or an explicit device; a clear error if unavailable."""
+def why_unavailable(device_type: str) -> str:
+    """A user-facing reason why ``device_type`` cannot be used here."""
+    if device_type == "cuda":
+        if torch.version.cuda is None:
+            return f"this PyTorch build ({torch.__version__}) has no CUDA support"
+        return "PyTorch has CUDA support but sees no GPU (driver missing, or CUDA_VISIBLE_DEVICES hides it)"
+    if device_type == "mps":
+        return "Apple MPS needs macOS 12.3+ on Apple silicon and a PyTorch build with MPS"
+    return f"{device_type!r} devices are not supported by napari-pdcr"
+
+
+def resolve_device(choice: str | torch.device | None = "auto", fallback: bool = False) -> torch.device:
+    """``"auto"`` (cuda, then mps, then cpu) or an explicit device such as ``"cuda:1"``.
+
+    An unavailable explicit device raises ``RuntimeError`` saying why, or with
+    ``fallback=True`` warns and returns the CPU. An unknown name raises ``ValueError``.
+    """
     if choice is None or str(choice) == "auto":
         return torch.device(available_devices()[0])
-    device = torch.device(choice)
-    if device.type != "cpu" and device.type not in available_devices():
-        raise RuntimeError(
-            f"device {str(choice)!r} is not available on this machine; available: {', '.join(available_devices())}"
-        )
-    return device
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {str(choice)!r}; choose one of {', '.join(DEVICE_CHOICES)} (or e.g. 'cuda:1')"
+        ) from None
+    problem = None
+    if device.type not in ("cpu", "cuda", "mps"):
+        problem = why_unavailable(device.type)
+    elif device.type != "cpu" and device.type not in available_devices():
+        problem = why_unavailable(device.type)
+    elif device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        problem = f"there are {torch.cuda.device_count()} CUDA device(s); index {device.index} does not exist"
+    if problem is None:
+        return device
+    message = f"device {str(choice)!r} is not available: {problem}"
+    if not fallback:
+        raise RuntimeError(f"{message}; available: {', '.join(available_devices())}")
+    warnings.warn(f"{message}; running on the CPU instead", RuntimeWarning, stacklevel=2)
+    return torch.device("cpu")
+
+
+def set_cpu_threads(n: int | None) -> int:
+    """Use ``n`` CPU threads for PyTorch's operators (``None``: leave as is); returns the previous count.
+
+    More threads than cores slows things down; ``torch.set_num_threads`` is process-wide.
+    """
+    previous = torch.get_num_threads()
+    if n is not None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of CPU threads must be a positive integer, got {n!r}")
+        torch.set_num_threads(n)
+    return previous

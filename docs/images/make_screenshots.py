@@ -1,0 +1,118 @@
+"""Regenerate the user guide's screenshots (needs a display: run under ``xvfb-run -a``).
+
+    xvfb-run -a python docs/images/make_screenshots.py [--only 2d|3d]
+
+Drives the dock widget as a user would (open the sample, brush a region, Run) and saves
+PNGs next to this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+from napari_pdcr._napari.widget import RegionEffectsWidget
+
+HERE = Path(__file__).resolve().parent
+
+
+def settle(seconds: float = 0.5) -> None:
+    app = QApplication.instance()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def open_viewer(sample: str):
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 860)
+    viewer.open_sample("napari-pdcr", sample)
+    viewer.layers[f"{sample} brain mask"].visible = False
+    widget = RegionEffectsWidget(viewer)
+    viewer.window.add_dock_widget(widget, area="right", name="Region effects (ATE map)")
+    return viewer, widget
+
+
+def run(widget, timeout_s: float = 1800) -> None:
+    widget.run()
+    start = time.perf_counter()
+    while widget.worker is not None and time.perf_counter() - start < timeout_s:
+        settle(0.1)
+    settle(1.0)
+
+
+def grab(viewer, name: str, scale: float = 0.8) -> None:
+    from qtpy.QtCore import Qt
+
+    pixmap = viewer.window._qt_window.grab()
+    width = int(pixmap.width() * scale)
+    pixmap.scaledToWidth(width, Qt.TransformationMode.SmoothTransformation).save(str(HERE / name))
+    print("wrote", HERE / name)
+
+
+def shots_2d() -> None:
+    viewer, widget = open_viewer("colin27_slice")
+    region = widget.brush_region()
+    region.brush_size = 7
+    for y, x in [(60, 40), (64, 44), (68, 46), (72, 48)]:  # a patch of left frontal cortex
+        region.paint((y, x), 1, refresh=False)
+    region.refresh()
+    region.mode = "pan_zoom"
+    widget.block_size.setValue(8)
+    widget.n_estimate.setValue(20)
+    widget.show_prediction.setChecked(True)
+    settle()
+    grab(viewer, "widget_setup_2d.png")
+    run(widget)
+    viewer.layers.selection.active = viewer.layers[-2]
+    settle()
+    grab(viewer, "widget_result_2d.png")
+    _save_plot(widget.plots.image, "plots_2d.png")
+    viewer.close()
+
+
+def _save_plot(rgba, name: str) -> None:
+    from matplotlib.image import imsave
+
+    imsave(HERE / name, rgba)
+    print("wrote", HERE / name)
+
+
+def shots_3d() -> None:
+    viewer, widget = open_viewer("colin27_volume")
+    widget.model_choice.setCurrentText("unet3d")
+    region = widget.brush_region()
+    region.brush_size = 5
+    for z in range(46, 54):  # a small blob of left frontal lobe, painted on 8 slices
+        viewer.dims.set_current_step(0, z)
+        for y, x in [(30, 30), (32, 33), (34, 36)]:
+            region.paint((z, y, x), 1, refresh=False)
+    region.refresh()
+    region.mode = "pan_zoom"
+    widget.block_size.setValue(8)
+    widget.intervention.setCurrentText("zero")
+    settle()
+    run(widget)
+    viewer.dims.set_current_step(0, 49)  # through the region
+    settle()
+    grab(viewer, "widget_result_3d_slice.png")
+    viewer.dims.ndisplay = 3
+    viewer.scene.camera.angles = (15, -30, 80)
+    settle(1.0)
+    grab(viewer, "widget_result_3d_render.png")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("2d", "3d"))
+    args = parser.parse_args()
+    if args.only in (None, "2d"):
+        shots_2d()
+    if args.only in (None, "3d"):
+        shots_3d()

@@ -1,0 +1,200 @@
+"""A :class:`~napari_pdcr.explanation.RegionExplanation` as napari layers.
+
+The ATE map is an Image layer with a diverging colormap centred on 0 (negative effects
+red, positive blue, zero transparent), symmetric contrast limits, translucent over the
+explained image and with its scale and translate. Every layer made here carries the
+explanation (and its parameters, provenance, model identity and summary) in
+``layer.metadata["napari_pdcr"]`` so it can be saved again (see :mod:`.writer`).
+
+No Qt here: works with a ``napari.components.ViewerModel`` too.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+from napari.layers import Layer
+from napari.utils.colormaps import Colormap, DirectLabelColormap
+from scipy import ndimage
+
+from napari_pdcr.explanation import RegionExplanation
+
+#: Key of napari-pdcr's entry in ``layer.metadata``.
+METADATA_KEY = "napari_pdcr"
+
+#: Name of the ATE colormap (matplotlib's RdBu with a transparent centre).
+EFFECT_COLORMAP_NAME = "pdcr effect (RdBu)"
+
+
+def effect_colormap() -> Colormap:
+    """Diverging colormap for ATE maps: -m red, 0 transparent, +m blue (matplotlib ``RdBu``).
+
+    The published figures colour negative effects (the block supported the outcome) red
+    and positive ones blue. Zero is fully transparent so that the image shows through
+    where nothing was found (values within 1 % of the limit are transparent too); small
+    effects stay clearly coloured (medium red / blue at 60 % opacity) and darken to full
+    opacity at the contrast limit.
+    """
+    rdbu = matplotlib.colormaps["RdBu"]
+    # The transparent band around 0 is a plateau, not a point: GPU colormap lookups are
+    # tables of ~1000 entries with linear filtering, and a single transparent control
+    # point would still give zero a visible alpha (a grey fog in 3D volume rendering).
+    controls = [0.0, 0.49, 0.495, 0.505, 0.51, 1.0]
+    positions = [0.08, 0.25, 0.5, 0.5, 0.75, 0.92]
+    alphas = [1.0, 0.6, 0.0, 0.0, 0.6, 1.0]
+    colors = [(*rdbu(p)[:3], a) for p, a in zip(positions, alphas, strict=True)]
+    return Colormap(colors=colors, controls=controls, name=EFFECT_COLORMAP_NAME)
+
+
+def symmetric_limit(values: np.ndarray) -> float:
+    """``m`` for contrast limits ``(-m, m)``: the largest absolute value (1 if all are 0)."""
+    m = float(np.max(np.abs(values))) if np.size(values) else 0.0
+    return m if m > 0 and np.isfinite(m) else 1.0
+
+
+def default_name(explanation: RegionExplanation) -> str:
+    """``"<model> ATE"`` plus the target layer's name when the run recorded one."""
+    model = explanation.model_identity.get("name", "model")
+    target = explanation.provenance.get("target_layer")
+    return f"{model} ATE: {target}" if target else f"{model} ATE"
+
+
+def placement(explanation: RegionExplanation, source_layer=None) -> dict:
+    """``scale`` and ``translate`` for the result layers.
+
+    From ``source_layer`` (its last spatial axes) when given, else from the source
+    layer's geometry recorded in the explanation's provenance, else from its spacing.
+    """
+    n = len(explanation.spatial_shape)
+    if source_layer is not None:
+        return {"scale": tuple(source_layer.scale[-n:]), "translate": tuple(source_layer.translate[-n:])}
+    recorded = explanation.provenance.get("source_layer") or {}
+    scale = recorded.get("scale") or explanation.spacing or (1.0,) * n
+    translate = recorded.get("translate") or (0.0,) * n
+    return {"scale": tuple(float(s) for s in scale), "translate": tuple(float(t) for t in translate)}
+
+
+def layer_metadata(explanation: RegionExplanation, role: str) -> dict:
+    """The ``metadata`` dict of a result layer (``role``: ate, standard_error, prediction, target_region)."""
+    return {
+        METADATA_KEY: {
+            "role": role,
+            "explanation": explanation,
+            "parameters": explanation.parameters,
+            "model_identity": explanation.model_identity,
+            "provenance": explanation.provenance,
+            "summary": explanation.summary(),
+        }
+    }
+
+
+def explanation_from_layer(layer) -> RegionExplanation | None:
+    """The explanation a result layer was made from, or None for any other layer."""
+    entry = getattr(layer, "metadata", {}).get(METADATA_KEY)
+    if isinstance(entry, dict) and isinstance(entry.get("explanation"), RegionExplanation):
+        return entry["explanation"]
+    return None
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The in-plane border of a mask (last two axes): a one-voxel outline on every slice."""
+    mask = np.asarray(mask, dtype=bool)
+    structure = np.zeros((3,) * mask.ndim, dtype=bool)
+    structure[(1,) * (mask.ndim - 2)] = ndimage.generate_binary_structure(2, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure, border_value=0)
+
+
+def _outline_layer(mask, explanation, name, role, color, geometry) -> tuple:
+    colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: color})
+    kwargs = {
+        "name": name,
+        "colormap": colormap,
+        "opacity": 0.9,
+        "metadata": layer_metadata(explanation, role),
+        **geometry,
+    }
+    return outline(mask).astype(np.uint8), kwargs, "labels"
+
+
+def explanation_layer_data(
+    explanation: RegionExplanation,
+    source_layer=None,
+    name: str | None = None,
+    show_standard_error: bool = False,
+    show_prediction: bool = True,
+    show_target_region: bool = False,
+) -> list[tuple]:
+    """napari LayerData tuples ``(data, kwargs, type)`` for an explanation, bottom first.
+
+    The ATE map always; on request the standard-error map (hidden until switched on),
+    and the outlines of the model's prediction (yellow) and of the target region (green)
+    as Labels layers (``metadata[...]["explanation"]`` keeps the full masks).
+    """
+    base = name or default_name(explanation)
+    geometry = placement(explanation, source_layer)
+    layers = []
+    if show_standard_error:
+        se = explanation.standard_error
+        layers.append((
+            se,
+            {
+                "name": f"{base} SE",
+                "colormap": "magma",
+                "contrast_limits": (0.0, symmetric_limit(se)),
+                "blending": "translucent",
+                "opacity": 0.6,
+                "visible": False,
+                "rendering": "mip",
+                "metadata": layer_metadata(explanation, "standard_error"),
+                **geometry,
+            },
+            "image",
+        ))
+    ate = explanation.ate
+    m = symmetric_limit(ate)
+    layers.append((
+        ate,
+        {
+            "name": base,
+            "colormap": effect_colormap(),
+            "contrast_limits": (-m, m),
+            "blending": "translucent",
+            "opacity": 0.6,
+            # 'mip' would hide negative effects in 3D; 'translucent' composites both signs
+            "rendering": "translucent",
+            "interpolation2d": "nearest",
+            "interpolation3d": "nearest",
+            "metadata": layer_metadata(explanation, "ate"),
+            **geometry,
+        },
+        "image",
+    ))
+    if show_prediction:
+        layers.append(_outline_layer(explanation.prediction, explanation, f"{base} prediction", "prediction", "yellow", geometry))
+    if show_target_region:
+        layers.append(_outline_layer(explanation.target_region, explanation, f"{base} target", "target_region", "lime", geometry))
+    return layers
+
+
+def add_explanation_layers(
+    viewer,
+    explanation: RegionExplanation,
+    source_layer=None,
+    name: str | None = None,
+    show_standard_error: bool = False,
+    show_prediction: bool = True,
+    show_target_region: bool = False,
+) -> list[Layer]:
+    """Add an explanation's layers to ``viewer`` (see :func:`explanation_layer_data`); returns them.
+
+    ``source_layer``: the explained image layer, whose scale and translate the new layers copy.
+    """
+    data = explanation_layer_data(
+        explanation,
+        source_layer=source_layer,
+        name=name,
+        show_standard_error=show_standard_error,
+        show_prediction=show_prediction,
+        show_target_region=show_target_region,
+    )
+    return [viewer.add_layer(Layer.create(*item)) for item in data]

@@ -1,0 +1,174 @@
+"""Network components as nodes of the effect estimator.
+
+One forward batch evaluates many (component, draw) items: every row of the batch is the
+explained image, and a forward hook on each targeted module overwrites, for the rows
+that target it, the component's part of the module's output with that row's
+replacement. Rows that target another component pass through unchanged, so channels of
+one layer, or different stages, share a forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from napari_pdcr.components.enumerate import Component, network_of
+from napari_pdcr.components.interventions import ActivationIntervention
+from napari_pdcr.engine.estimator import NodeSet
+from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.outcomes import Outcome
+
+
+class ComponentNodes(NodeSet):
+    """The ``components`` of ``model`` as intervention nodes for one image and target region.
+
+    Parameters
+    ----------
+    model
+        A SegmentationModel whose network is an ``nn.Module``.
+    image
+        ``(C, *S)`` float32 tensor in model input space, on the model's device.
+    components
+        What to intervene on (from :func:`~napari_pdcr.components.enumerate_components`).
+    target_region
+        Bool ``S``: where the outcome is measured.
+    outcome, intervention
+        What is measured and what replaces a component's activation.
+    reference
+        Bool ``S`` reference mask for Dice outcomes; ``None``: the model's own prediction.
+    bank
+        ``(R, C, *S)`` other images in model input space (required by interventions
+        with ``needs_bank``); their activations are computed once here.
+    bank_batch_size
+        Bank images per forward pass while their activations are recorded.
+    """
+
+    def __init__(
+        self,
+        model: SegmentationModel,
+        image: torch.Tensor,
+        components: Sequence[Component],
+        target_region: np.ndarray,
+        outcome: Outcome,
+        intervention: ActivationIntervention,
+        reference: np.ndarray | None = None,
+        bank: torch.Tensor | None = None,
+        bank_batch_size: int = 8,
+    ):
+        if not components:
+            raise ValueError("no components to explain")
+        if intervention.needs_bank and (bank is None or len(bank) == 0):
+            raise ValueError(f"the {intervention.name!r} intervention needs bank images (other images of the same kind)")
+        self.model, self.image, self.components = model, image, list(components)
+        self.outcome, self.intervention = outcome, intervention
+        self.deterministic = intervention.deterministic
+        modules = dict(network_of(model).named_modules())
+        missing = [c.path for c in self.components if c.path not in modules]
+        if missing:
+            raise KeyError(f"the network has no module(s) {', '.join(missing)}")
+        self._modules = {c.path: modules[c.path] for c in self.components}
+        self.region_index = torch.from_numpy(np.flatnonzero(target_region))
+
+        self.activations = [a[0] for a in self._record(image[None])]
+        self.bank_activations = None
+        if intervention.needs_bank:
+            parts = [self._record(bank[i : i + bank_batch_size]) for i in range(0, len(bank), bank_batch_size)]
+            self.bank_activations = [torch.cat(per_node) for per_node in zip(*parts, strict=True)]
+        #: images run to record activations and the base outcome
+        self.setup_passes = 2 + (0 if bank is None or not intervention.needs_bank else len(bank))
+        largest = max(a.numel() * a.element_size() for a in self.activations)
+        self.item_bytes = image.numel() * image.element_size() + largest
+
+        base_scores = self.region_scores(image[None])
+        self.channel = outcome.resolve_channel(base_scores.shape[1], model.activation)
+        predicted = outcome.predicted_mask(base_scores, model.activation, self.channel)[0].cpu()
+        self.reference = predicted if reference is None else torch.from_numpy(reference.ravel()[self.region_index.numpy()])
+        self._base = float(self._outcome(base_scores)[0])
+
+    # ------------------------------------------------------------------ NodeSet
+    @property
+    def n_nodes(self) -> int:
+        return len(self.components)
+
+    def base_outcome(self) -> float:
+        return self._base
+
+    def sample(self, node: int, n_draws: int, rng: np.random.Generator) -> torch.Tensor:
+        bank = None if self.bank_activations is None else self.bank_activations[node]
+        return self.intervention.sample(self.activations[node], bank, n_draws, rng)
+
+    def outcomes(self, nodes: Sequence[int], replacements: Sequence[torch.Tensor]) -> torch.Tensor:
+        nodes_array = np.asarray(nodes)
+        plan: dict[str, list] = {}
+        for node in np.unique(nodes_array):
+            rows = np.flatnonzero(nodes_array == node)
+            reps = torch.stack([replacements[i] for i in rows]).to(self.image.device)
+            component = self.components[int(node)]
+            plan.setdefault(component.path, []).append((torch.from_numpy(rows).to(self.image.device), component, reps))
+        batch = self.image.expand(len(nodes), *self.image.shape)
+        with self._intervening(plan):
+            scores = self.region_scores(batch)
+        return self._outcome(scores)
+
+    # ------------------------------------------------------------------ forward passes
+    def region_scores(self, batch: torch.Tensor) -> torch.Tensor:
+        """Model scores in the target region, ``(N, K, M)``."""
+        with torch.inference_mode():
+            scores = self.model(batch)
+            if not torch.isfinite(scores).all():
+                raise FloatingPointError(f"model {self.model.name!r} returned NaN or infinite scores")
+            flat = scores.flatten(2)
+            return flat[:, :, self.region_index.to(flat.device)].float()
+
+    def _outcome(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.outcome(scores, self.reference, self.model.activation, self.channel)
+
+    def _record(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Each component's activation ``(N, *A)`` on ``batch``; checks each module runs once."""
+        seen: dict[str, list] = {path: [] for path in self._modules}
+
+        def hook_for(path):
+            def hook(module, args, output):
+                seen[path].append((args[0] if args else None, output))
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(p)) for p, m in self._modules.items()]
+        try:
+            with torch.inference_mode():
+                self.model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        out = []
+        for c in self.components:
+            calls = seen[c.path]
+            if len(calls) != 1 or not isinstance(calls[0][1], torch.Tensor):
+                raise ValueError(
+                    f"component {c.name!r} ({c.path}) must run exactly once per forward pass and return one "
+                    f"tensor; it ran {len(calls)} time(s)"
+                )
+            module_input, output = calls[0]
+            out.append(output[:, c.channel_slice(module_input, output)].clone())
+        return out
+
+    @contextmanager
+    def _intervening(self, plan: dict[str, list]):
+        """Forward hooks that write each row's replacement into its component's output."""
+
+        def hook_for(path):
+            def hook(module, args, output):
+                output = output.clone()
+                for rows, component, reps in plan[path]:
+                    output[rows, component.channel_slice(args[0], output)] = reps.to(output.dtype)
+                return output
+            return hook
+
+        handles = [self._modules[p].register_forward_hook(hook_for(p)) for p in plan]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,124 @@
+"""The widget's operation as one function, for the napari console and scripts.
+
+In napari's console (``viewer`` is defined there)::
+
+    from napari_pdcr.console import explain
+    result = explain("colin27_slice image", "target region", model="unet2d", viewer=viewer)
+    result.counts(), result.locality(10)
+
+Without napari, arrays work the same way and nothing is displayed::
+
+    result = explain(image, mask, model="unet2d", intervention="zero", block_shape=16)
+
+Qt-free: importing this module imports neither Qt nor napari's Qt parts.
+"""
+
+from __future__ import annotations
+
+from napari_pdcr._napari.job import (
+    ExplainJob,
+    image_array,
+    layer_geometry,
+    region_mask,
+    region_name,
+)
+from napari_pdcr.engine.estimator import drive
+from napari_pdcr.explanation import RegionExplanation
+
+#: Keyword arguments passed on to :class:`~napari_pdcr.region_effects.RegionEffects`.
+METHOD_PARAMETERS = ("block_shape", "n_screen", "n_estimate", "tau", "mode", "seed", "device", "batch_size")
+
+
+def _layer(obj, viewer):
+    """A layer given by name (needs ``viewer``), else ``obj`` unchanged."""
+    if isinstance(obj, str):
+        if viewer is None:
+            raise ValueError(f"{obj!r} looks like a layer name: pass viewer=... to look it up")
+        if obj not in viewer.layers:
+            raise ValueError(f"there is no layer named {obj!r}; layers: {', '.join(layer.name for layer in viewer.layers)}")
+        return viewer.layers[obj]
+    return obj
+
+
+def explain(
+    image,
+    target_region,
+    model="unet2d",
+    reference=None,
+    viewer=None,
+    *,
+    label: int | None = None,
+    point=None,
+    reference_label: int | None = None,
+    intervention: str = "patch_bank",
+    bank=None,
+    outcome: str = "dice",
+    temperature: float = 1.0,
+    spacing=None,
+    trusted: bool = False,
+    progress=None,
+    name: str | None = None,
+    **parameters,
+) -> RegionExplanation:
+    """Explain ``model``'s segmentation of ``target_region`` in ``image``; return the explanation.
+
+    Parameters
+    ----------
+    image
+        An Image layer (its data, scale and translate are used), a layer name (with
+        ``viewer``), or an array ``S`` / ``(C, *S)``.
+    target_region
+        A Labels layer (voxels equal to ``label``, or all non-zero ones), a Shapes layer
+        (its rectangles, drawn over the image layer), a layer name, or a mask array.
+        ``point`` (data coordinates) keeps only the connected component containing it.
+    model
+        A demo model's name (``"unet2d"``, ``"unet3d"``, ...), a model file's path or a
+        :class:`~napari_pdcr.models.SegmentationModel`.
+    reference
+        Reference mask for the Dice outcome (Labels layer, name or array; values equal to
+        ``reference_label`` or all non-zero ones), or None for the model's own prediction.
+    viewer
+        If given, the result layers are added to it (over the image layer).
+    intervention, bank
+        What replaces a block: ``"patch_bank"`` (crops of other images; ``bank`` is an
+        Image layer or array of other images, by default the bundled sample for the
+        model's dimensionality), ``"zero"``, ``"mean"``, ``"blur"``, ``"noise"``.
+    outcome, temperature
+        The outcome measured in the region (``"dice"`` as published) and the softmax /
+        sigmoid temperature of soft outcomes.
+    spacing
+        Voxel size for distances; by default the image layer's scale.
+    progress
+        Optional ``progress(Progress)`` callback; returning False cancels the run.
+    **parameters
+        ``block_shape``, ``n_screen``, ``n_estimate``, ``tau``, ``mode``, ``seed``,
+        ``device``, ``batch_size`` of :class:`~napari_pdcr.region_effects.RegionEffects`.
+    """
+    unknown = set(parameters) - set(METHOD_PARAMETERS)
+    if unknown:
+        raise TypeError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(METHOD_PARAMETERS)}")
+    image = _layer(image, viewer)
+    target = _layer(target_region, viewer)
+    geometry = layer_geometry(image)
+    reference = _layer(reference, viewer)
+    bank = _layer(bank, viewer)
+    job = ExplainJob(
+        image=image_array(image),
+        target_region=region_mask(target, image, label=label, point=point),
+        model=model,
+        reference=None if reference is None else region_mask(reference, image, label=reference_label),
+        intervention=intervention,
+        outcome=outcome,
+        temperature=temperature,
+        bank=None if bank is None else image_array(bank),
+        bank_description=getattr(bank, "name", ""),
+        trusted=trusted,
+        spacing=tuple(spacing) if spacing is not None else geometry.get("scale"),
+        source_layer=geometry,
+        target_name=region_name(target, label),
+        parameters=parameters,
+    )
+    explanation = drive(job.iter_run(), progress)
+    if viewer is not None:
+        explanation.add_to_viewer(viewer, source_layer=image if geometry else None, name=name)
+    return explanation

@@ -1,0 +1,311 @@
+"""What a model file cannot say about itself, and what can be inferred from a test pass.
+
+A :class:`ModelDescription` holds the settings a segmentation model needs to be run
+and explained: spatial dimensionality, input channels, intensity preprocessing, output
+activation, the channel (class) to explain, spatial divisibility, temperature and
+sliding-window inference. It is given as fields, as a dict, or as a small JSON file
+next to the model (``<model stem>.pdcr.json``, or ``pdcr.json`` inside a MONAI bundle)::
+
+    {"spatial_dims": 3, "in_channels": 1, "preprocess": "zscore",
+     "activation": "softmax", "channel": 1, "divisible_by": 16,
+     "sliding_window": {"roi_size": [96, 96, 96], "overlap": 0.25, "mode": "gaussian"}}
+
+Fields left out are inferred by :func:`complete_description` where that is unambiguous
+(a forward pass on random inputs finds the output channels, and the dimensionality and
+input channels among a few candidates), and every inferred value is recorded in
+``inferred`` so the user can see what was assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from napari_pdcr.models.sliding_window import SlidingWindow
+from napari_pdcr.outcomes import Outcome
+
+PREPROCESS_NAMES = ("none", "minmax", "zscore", "bundle")
+ACTIVATIONS = ("none", "sigmoid", "softmax")
+DESCRIPTION_SUFFIX = ".pdcr.json"
+BUNDLE_DESCRIPTION = "pdcr.json"
+#: spatial size of test inputs (a multiple of 32, as networks with five stride-2 levels need)
+PROBE_SIZE = 32
+
+
+@dataclass
+class ModelDescription:
+    """Settings of a segmentation model; ``None`` means "not given" (to be inferred).
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    in_channels
+        Input channels the network expects.
+    out_channels
+        Output channels; inferred from a test pass (given: checked).
+    preprocess
+        ``"none"``, ``"minmax"`` (to [0, 1]), ``"zscore"``, ``"bundle"`` (the intensity
+        transforms of a MONAI bundle's ``preprocessing``), or a callable on ``(C, *S)``.
+    activation
+        ``"sigmoid"``, ``"softmax"`` or ``"none"`` (outputs are probabilities).
+    channel
+        Output channel (class) to explain; ``None``: the outcome's default.
+    divisible_by
+        Spatial multiple the network needs (one int or one per axis).
+    temperature
+        Temperature of probabilities in soft outcomes (> 0).
+    sliding_window
+        Apply the model window-wise (:class:`~napari_pdcr.models.sliding_window.SlidingWindow`,
+        or a dict of its fields).
+    name
+        Display name.
+    inferred
+        Human-readable notes on every value that was inferred rather than given.
+    """
+
+    spatial_dims: int | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    preprocess: str | Callable | None = None
+    activation: str | None = None
+    channel: int | None = None
+    divisible_by: int | tuple[int, ...] | None = None
+    temperature: float = 1.0
+    sliding_window: SlidingWindow | None = None
+    name: str | None = None
+    inferred: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.sliding_window, dict):
+            self.sliding_window = _sliding_window_from_dict(self.sliding_window)
+        if isinstance(self.divisible_by, list):
+            self.divisible_by = tuple(self.divisible_by)
+        if self.spatial_dims is not None and self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        for name in ("in_channels", "out_channels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.preprocess, str) and self.preprocess not in PREPROCESS_NAMES:
+            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_NAMES)} or a callable, got {self.preprocess!r}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.channel is not None and (not isinstance(self.channel, int) or self.channel < 0):
+            raise ValueError(f"channel must be a non-negative integer, got {self.channel!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelDescription:
+        """A description from a dict of field values; unknown keys are an error (typos)."""
+        known = {f.name for f in fields(cls)} - {"inferred"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model description field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path) -> ModelDescription:
+        """Read a JSON description file (see the module docstring)."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model description file not found: {path}") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"model description {path} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"model description {path} must hold a JSON object of fields")
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model description {path}: {error}") from None
+
+    @classmethod
+    def coerce(cls, value) -> ModelDescription:
+        """A description from ``None``, a description, a dict or a path to a JSON file."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return replace(value, inferred=list(value.inferred))
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if isinstance(value, (str, Path)):
+            return cls.from_file(value)
+        raise TypeError(f"a model description must be a ModelDescription, dict or JSON path, got {type(value).__name__}")
+
+    def given(self) -> dict:
+        """The fields that were set (not ``None``, temperature when not 1)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "inferred"}
+        return {k: v for k, v in out.items() if v is not None and not (k == "temperature" and v == 1.0)}
+
+    def updated(self, other: ModelDescription) -> ModelDescription:
+        """This description with every field given in ``other`` taking precedence."""
+        merged = replace(self, **other.given())
+        merged.inferred = [*self.inferred, *other.inferred]
+        return merged
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable fields (a callable preprocess is written as its repr)."""
+        out = asdict(replace(self, sliding_window=None, preprocess=None))
+        out["preprocess"] = self.preprocess if self.preprocess is None or isinstance(self.preprocess, str) else repr(self.preprocess)
+        out["sliding_window"] = self.sliding_window.describe() if self.sliding_window else None
+        if isinstance(self.divisible_by, tuple):
+            out["divisible_by"] = list(self.divisible_by)
+        return out
+
+    def outcome(self, kind: str = "dice", **options) -> Outcome:
+        """An :class:`~napari_pdcr.outcomes.Outcome` of ``kind`` for this model's channel and temperature."""
+        return Outcome(kind, channel=self.channel, temperature=self.temperature, **options)
+
+
+def description_path_for(model_path) -> Path | None:
+    """The description file of a model file or bundle, if there is one.
+
+    ``brain.pt`` -> ``brain.pdcr.json`` beside it; a bundle folder -> ``pdcr.json`` inside.
+    """
+    model_path = Path(model_path)
+    candidate = model_path / BUNDLE_DESCRIPTION if model_path.is_dir() else model_path.with_name(model_path.stem + DESCRIPTION_SUFFIX)
+    return candidate if candidate.is_file() else None
+
+
+def _sliding_window_from_dict(values: dict) -> SlidingWindow:
+    try:
+        return SlidingWindow(**values)
+    except TypeError as error:
+        raise ValueError(f"sliding_window: {error} (fields: roi_size, overlap, mode, sigma_scale, batch_size)") from None
+
+
+# ---------------------------------------------------------------------- inference
+def _divisors(divisible_by, dims: int) -> tuple[int, ...]:
+    return (int(divisible_by),) * dims if isinstance(divisible_by, int) else tuple(int(d) for d in divisible_by)
+
+
+def _try_forward(network, shape: Sequence[int]) -> tuple[torch.Tensor | None, str]:
+    """Output of ``network`` on a seeded random input of ``shape`` (or None and why not)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(tuple(shape), generator=generator)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # wrong candidate inputs make some layers warn
+            out = network(x)
+    except Exception as error:  # noqa: BLE001 - any failure means "does not accept this input"
+        return None, f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        return None, f"returned a {type(out).__name__}, not a tensor"
+    if out.ndim != len(shape) or out.shape[0] != shape[0] or tuple(out.shape[2:]) != tuple(shape[2:]):
+        return None, f"returned shape {tuple(out.shape)} for input {tuple(shape)} (expected (N, K, *spatial) of the input's size)"
+    return out, ""
+
+
+def complete_description(
+    description: ModelDescription,
+    network: Callable[[torch.Tensor], torch.Tensor],
+    input_shape: Sequence[int] | None = None,
+) -> ModelDescription:
+    """Fill in what ``description`` leaves open by test passes of ``network`` on random inputs.
+
+    ``input_shape`` ``(N, C, *S)`` is the one input shape a shape-specialised network
+    accepts (e.g. a static ``torch.export`` program); its batch entry is ignored.
+    Tries spatial dims (3, 2) and input channels 1-4 only where not given; raises
+    ``ValueError`` when no candidate or more than one works, ``FloatingPointError`` when
+    the network returns NaN or infinite values. Returns a new description with every
+    inferred value noted in ``inferred``.
+    """
+    d = replace(description, inferred=list(description.inferred))
+    notes = d.inferred
+    window = d.sliding_window
+    if input_shape is not None:
+        dims_options, channel_options = [len(input_shape) - 2], [int(input_shape[1])]
+    else:
+        dims_options = [d.spatial_dims] if d.spatial_dims else [3, 2]
+        if d.sliding_window is not None and not isinstance(d.sliding_window.roi_size, int):
+            dims_options = [len(d.sliding_window.roi_size)]
+        channel_options = [d.in_channels] if d.in_channels else [1, 2, 3, 4]
+
+    def probe_size(dims: int) -> tuple[int, ...]:
+        if input_shape is not None:
+            return tuple(int(s) for s in input_shape[2:])
+        if window is not None:
+            return window.window_size((PROBE_SIZE,) * dims)
+        base = PROBE_SIZE
+        divisors = _divisors(d.divisible_by or 1, dims)
+        return tuple(math.ceil(base / q) * q for q in divisors)
+
+    working, failures = [], []
+    for dims in dims_options:
+        for channels in channel_options:
+            shape = (1, channels, *probe_size(dims))
+            out, why = _try_forward(network, shape)
+            if out is None:
+                failures.append(f"{dims}D with {channels} channel(s) {shape}: {why}")
+            else:
+                working.append((dims, channels, out))
+    if not working:
+        given = "the given spatial_dims/in_channels" if (d.spatial_dims or d.in_channels) else "any of the tried inputs"
+        raise ValueError(f"the model does not run on {given}:\n  " + "\n  ".join(failures))
+    if len(working) > 1:
+        options = ", ".join(f"{dims}D with {c} channel(s)" for dims, c, _ in working)
+        raise ValueError(f"the model runs on several kinds of input ({options}): give spatial_dims and in_channels")
+    dims, channels, out = working[0]
+    if d.spatial_dims is None:
+        notes.append(f"spatial_dims={dims} (the only dimensionality the model ran on)")
+    if d.in_channels is None:
+        notes.append(f"in_channels={channels} (the only channel count the model ran on)")
+    d.spatial_dims, d.in_channels = dims, channels
+
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("the model returned NaN or infinite values on a random test input")
+    k = int(out.shape[1])
+    if d.out_channels is not None and d.out_channels != k:
+        raise ValueError(f"the description says {d.out_channels} output channel(s) but the model returns {k}")
+    if d.out_channels is None:
+        notes.append(f"out_channels={k} (from a test pass)")
+    d.out_channels = k
+    if d.channel is not None and d.channel >= k:
+        raise ValueError(f"channel {d.channel} does not exist: the model returns {k} output channel(s)")
+
+    if d.activation is None:
+        is_probability = bool(((out >= 0) & (out <= 1)).all())
+        if k > 1 and is_probability and torch.allclose(out.sum(dim=1), torch.ones(()), atol=1e-3):
+            d.activation = "none"
+            notes.append("activation='none' (the outputs already sum to 1 over channels: probabilities)")
+        elif k > 1:
+            d.activation = "softmax"
+            notes.append(f"activation='softmax' (assumed for {k} output channels of logits)")
+        else:
+            d.activation = "sigmoid"
+            notes.append("activation='sigmoid' (assumed for one output channel; set 'none' if it outputs probabilities)")
+
+    if d.divisible_by is None:
+        d.divisible_by = 1 if (input_shape is not None or window is not None) else _infer_divisor(network, dims, channels, notes)
+    if d.preprocess is None:
+        d.preprocess = "none"
+    return d
+
+
+def _infer_divisor(network, dims: int, channels: int, notes: list[str]) -> int:
+    """Smallest power of two ``q`` <= 32 such that the network runs on size ``base + q``."""
+    base = PROBE_SIZE
+    for q in (1, 2, 4, 8, 16, 32):
+        out, _ = _try_forward(network, (1, channels, *(base + q,) * dims))
+        if out is not None:
+            notes.append(
+                f"divisible_by={q} (the model runs on sizes that are multiples of {q}"
+                + (f", not on all multiples of {q // 2})" if q > 1 else ")")
+            )
+            return q
+    raise ValueError(
+        f"the model runs on inputs of size {base} but not on {base + 1}-{base + 32}: "
+        "give divisible_by, or a sliding_window with the size it needs"
+    )

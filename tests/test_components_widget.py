@@ -1,0 +1,83 @@
+"""The Components dock widget: a run in a napari worker, the bar chart, cancel, saving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from synthetic import LocalConv, random_image, wrap
+
+pytest.importorskip("qtpy")
+pytestmark = pytest.mark.gui
+
+SHAPE = (32, 32)
+
+
+@pytest.fixture
+def widget(make_napari_viewer, qtbot):
+    from napari_pdcr._napari.components_widget import ComponentsWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(random_image(SHAPE, seed=1), name="image")
+    viewer.add_image(np.stack([random_image(SHAPE, seed=s) for s in range(2, 8)]), name="others")
+    region = np.zeros(SHAPE, np.uint8)
+    region[12:20, 12:20] = 1
+    viewer.add_labels(region, name="region")
+    widget = ComponentsWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.set_model(wrap(LocalConv(layers=3, width=4, seed=3), 2, activation="sigmoid", name="local"))
+    widget.image_choice.select("image")
+    widget.region_choice.select("region")
+    widget.bank_choice.select("others")
+    widget.n_estimate.setValue(6)
+    widget.device.setCurrentText("cpu")
+    return widget
+
+
+def test_run_in_a_worker_shows_the_bar_chart(widget, qtbot):
+    listing = widget.list_components()
+    assert "net 0 (full res)" in listing and "Conv2d" in listing
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    result = widget.result
+    assert result is not None and len(result.components) == 3
+    assert result.parameters["intervention"]["name"] == "resample"
+    assert result.parameters["n_bank_images"] == 6
+    assert widget.progress.text().startswith("done") or widget.progress.value() == 1000
+    ax = widget.plot.figure.axes[0]
+    assert len(ax.get_yticklabels()) == 3 and "largest effect" in widget.summary.text()
+
+
+def test_channels_cancel_and_save(widget, qtbot, tmp_path):
+    widget.granularity.setCurrentText("channels")
+    assert widget.layer_choice.count() == 3
+    widget.layer_choice.setCurrentText("net 2")
+    widget.intervention.setCurrentText("noise")
+    widget.n_estimate.setValue(2000)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=30_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert widget.result is None and "cancelled" in widget.progress.text()
+
+    widget.n_estimate.setValue(4)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert [c.kind for c in widget.result.components] == ["channel"] * 4
+    from napari_pdcr.components import ComponentExplanation
+
+    path = widget.save_result(tmp_path / "channels")
+    assert ComponentExplanation.load(path).names == widget.result.names
+
+
+def test_scripted_model_message(widget, qtbot, monkeypatch):
+    from napari_pdcr._napari import components_widget
+
+    scripted = wrap(torch.jit.script(LocalConv(layers=2).net), 2, activation="sigmoid")
+    widget.set_model(scripted)
+    messages = []
+    monkeypatch.setattr(components_widget, "show_error", messages.append)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert widget.result is None
+    assert messages and "nn.Module" in messages[0] and "region effects" in messages[0]
