@@ -35,7 +35,7 @@ from napari_pdcr.engine.estimator import (
 )
 from napari_pdcr.engine.reach import (
     aligned_window,
-    reachable_blocks,
+    iter_reachable_blocks,
     verify_unreachable,
     window_is_exact,
 )
@@ -218,7 +218,14 @@ class RegionEffects:
         reach, probe_passes = candidates, 0
         if options["skip_unreachable"] and candidates.any() and not windowed:
             t0 = time.perf_counter()
-            reach, probe_passes = reachable_blocks(model, x, grid, region, candidates)
+            probe = iter_reachable_blocks(model, x, grid, region, candidates)
+            while True:
+                try:
+                    done, total, probe_passes = next(probe)
+                except StopIteration as stop:
+                    reach, probe_passes = stop.value
+                    break
+                yield Progress("reach", done, total, probe_passes, time.perf_counter() - t_start)
             verified, passes = verify_unreachable(model, x, grid, region, reach, candidates, self.seed)
             probe_passes += passes
             if not verified:
@@ -258,7 +265,7 @@ class RegionEffects:
         runner = BatchRunner(batch_size)
         to_estimate = np.flatnonzero(reach.ravel())
         pruned, coarse_passes = np.zeros(grid.n_blocks, bool), 0
-        if options["coarse_factor"] > 1 and not windowed and not nodes.deterministic and self.settings.n_screen:
+        if options["coarse_factor"] > 1 and not nodes.deterministic and self.settings.n_screen:
             pruned, coarse_passes = yield from self._coarse_screen(nodes, grid, to_estimate, runner, options["coarse_factor"])
             to_estimate = to_estimate[~pruned[to_estimate]]
         estimates = yield from estimate_effects(nodes, to_estimate, self.settings, runner)

@@ -97,4 +97,4 @@ def test_unet2d_works_on_slices_zero_padded_to_256(heldout_colin27):
 def test_unet3d_segments_the_heldout_subject():
     itk = load_sample("itk_volume")
     prediction = brain_masks(load_demo_model("unet3d"), itk["image"][None])[0]
-    assert dice(prediction, itk["mask"]) >= 0.8
+    assert dice(prediction, itk["mask"]) >= 0.85

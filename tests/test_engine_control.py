@@ -151,14 +151,15 @@ def test_progress_returning_false_raises_cancelled():
 
     seen = []
 
-    def stop_after_three(p):
+    def stop_at_third_estimation_batch(p):
         seen.append(p)
-        return len(seen) < 3
+        return sum(q.stage != "reach" for q in seen) < 3  # the reach probe reports first
 
     with pytest.raises(Cancelled):
-        method.attribute(image, region, progress=stop_after_three)
-    assert len(seen) == 3  # the callback is not called again after it said stop
-    assert seen[-1].done < seen[-1].total  # stopped mid-run
+        method.attribute(image, region, progress=stop_at_third_estimation_batch)
+    assert seen[-1].stage != "reach" and sum(q.stage != "reach" for q in seen) == 3
+    # the callback is not called again after it said stop, and the run stopped mid-stage
+    assert seen[-1].done < seen[-1].total
 
 
 def test_drive_returns_the_generator_value():

@@ -103,6 +103,7 @@ def shots_3d() -> None:
     grab(viewer, "widget_result_3d_slice.png")
     viewer.dims.ndisplay = 3
     viewer.scene.camera.angles = (15, -30, 80)
+    viewer.scene.camera.zoom *= 0.75
     settle(1.0)
     grab(viewer, "widget_result_3d_render.png")
     viewer.close()

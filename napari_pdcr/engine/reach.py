@@ -19,6 +19,8 @@ image is used.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import numpy as np
 import torch
 
@@ -27,7 +29,17 @@ from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.regions import BlockGrid
 
 
-def reachable_blocks(
+def reachable_blocks(*args, **kwargs) -> tuple[np.ndarray, int]:
+    """:func:`iter_reachable_blocks` run to completion: ``(mask, forward passes)``."""
+    probe = iter_reachable_blocks(*args, **kwargs)
+    while True:
+        try:
+            next(probe)
+        except StopIteration as stop:
+            return stop.value
+
+
+def iter_reachable_blocks(
     model: SegmentationModel,
     image: torch.Tensor,
     grid: BlockGrid,
@@ -35,12 +47,14 @@ def reachable_blocks(
     candidates: np.ndarray,
     group_levels: tuple[int, ...] = (4, 2),
     batch_size: int = 8,
-) -> tuple[np.ndarray, int]:
+) -> Generator[tuple[int, int, int], None, tuple[np.ndarray, int]]:
     """Bool ``grid.shape``: candidate blocks that may change the region's scores.
 
     ``False`` is a proof (by NaN propagation) that the block cannot; ``True`` may be
     conservative (groups at the finest level of ``group_levels`` are not split
-    further). Returns the mask and the number of forward passes used.
+    further). A generator: yields ``(groups done, groups at this level, forward passes)``
+    after every batch (so a run can report progress and be cancelled here) and returns
+    the mask and the number of forward passes used.
     """
     region_index = torch.from_numpy(np.flatnonzero(target_region))
     coords = np.stack(np.unravel_index(np.arange(grid.n_blocks), grid.shape), axis=1)
@@ -76,6 +90,7 @@ def reachable_blocks(
             passes += len(chunk)
             hits += torch.isnan(scores).flatten(1).any(dim=1).tolist()
             start += len(chunk)
+            yield start, len(groups), passes
         for members, hit in zip(groups, hits, strict=True):
             if not hit:
                 reach[members] = False

@@ -66,12 +66,12 @@ class PatchBank(Intervention):
                 raise ValueError(f"no patch-bank source is large enough for blocks of shape {block_shape}")
             rng = np.random.default_rng([self.seed, *block_shape])
             which = rng.integers(len(fits), size=self.size)
-            crops = []
-            for i in which:
-                src = fits[i]
-                start = [rng.integers(n - b + 1) for n, b in zip(src.shape[1:], block_shape, strict=True)]
-                crops.append(src[(slice(None), *(slice(s, s + b) for s, b in zip(start, block_shape, strict=True)))])
-            self._banks[block_shape] = torch.stack(crops)
+            crops = torch.empty((self.size, fits[0].shape[0], *block_shape), dtype=torch.float32)
+            for i, src in enumerate(fits):  # one vectorised gather per source image
+                rows = np.flatnonzero(which == i)
+                if len(rows):
+                    crops[torch.from_numpy(rows)] = _gather_crops(src, block_shape, len(rows), rng)
+            self._banks[block_shape] = crops
         return self._banks[block_shape]
 
     def sample(self, original, n_draws, rng, location):
@@ -86,3 +86,15 @@ class PatchBank(Intervention):
             "n_sources": len(self.sources),
             "source_shapes": [list(s.shape) for s in self.sources[:8]],
         }
+
+
+def _gather_crops(source: torch.Tensor, block_shape: tuple[int, ...], n: int, rng) -> torch.Tensor:
+    """``n`` crops ``(n, C, *block_shape)`` of ``source`` ``(C, *S)`` at uniform random positions."""
+    index = []
+    for axis, (size, b) in enumerate(zip(source.shape[1:], block_shape, strict=True)):
+        start = torch.from_numpy(rng.integers(size - b + 1, size=n))
+        shape = [n] + [1] * len(block_shape)
+        shape[axis + 1] = b
+        index.append((start[:, None] + torch.arange(b)).reshape(shape))
+    # advanced indexing broadcasts the per-axis index grids to (n, *block_shape), C last
+    return source[(slice(None), *index)].movedim(0, 1)
