@@ -123,6 +123,9 @@ def run_2d(quick: bool) -> list[str]:
         "engine: exact accelerations": dict(mode="exact"),
         "engine: fast (adaptive, se<=0.1)": dict(mode="fast", se_target=0.1),
         "engine: fast (adaptive, se<=0.25)": dict(mode="fast", se_target=0.25),
+        # more screening draws: fewer real effects lost to the 3-draw screen
+        "engine: exact, screen 6": dict(mode="exact", n_screen=6),
+        "engine: fast (adaptive, se<=0.1), screen 6": dict(mode="fast", se_target=0.1, n_screen=6),
     }
     for name, options in engine_runs.items():
         expl = RegionEffects(model, intervention=bank, device="cpu", seed=1, **options).attribute(image, region, reference=mask)

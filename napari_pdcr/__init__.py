@@ -6,6 +6,8 @@ and no running napari; the napari plugin is a thin layer over it.
 
 __version__ = "0.1.0"
 
+from napari_pdcr.comparison import compare_models
+from napari_pdcr.components import ComponentEffects
 from napari_pdcr.engine import Cancelled, NodeStatus, Progress
 from napari_pdcr.explanation import RegionExplanation
 from napari_pdcr.interventions import (
@@ -29,6 +31,7 @@ __all__ = [
     "Blur",
     "CallableIntervention",
     "Cancelled",
+    "ComponentEffects",
     "Constant",
     "ImageMean",
     "Intervention",
@@ -43,6 +46,7 @@ __all__ = [
     "Zero",
     "box_region",
     "centered_box",
+    "compare_models",
     "explain_region",
     "make_intervention",
 ]

@@ -288,7 +288,8 @@ def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> li
 
     The maps share symmetric contrast limits, linked so that changing one changes all;
     ``image_layer`` (the explained image layer) is copied under each map and gives the
-    geometry. Returns the added layers.
+    geometry. The new layers are moved to the bottom of the layer list so that each grid
+    cell holds one model (other layers get cells after them). Returns the added layers.
     """
     from napari.experimental import link_layers
     from napari.layers import Layer
@@ -311,6 +312,9 @@ def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> li
         added += layers
     if len(maps) > 1:
         link_layers(maps, ("contrast_limits", "opacity", "colormap"))
-    viewer.grid.enabled = True
-    viewer.grid.stride = len(added) // max(1, len(comparison.profiles))
+    # grid cells are filled from the bottom of the layer list: put the models' layers there
+    viewer.layers.move_multiple([viewer.layers.index(layer) for layer in added], 0)
+    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
+    grid.stride = len(added) // max(1, len(comparison.profiles))
+    grid.enabled = True
     return added

@@ -77,7 +77,8 @@ def test_show_comparison_in_grid_mode(comparison):
     viewer = ViewerModel()
     image = viewer.add_image(IMAGE[0], name="image")
     added = show_comparison(viewer, comparison, image_layer=image)
-    assert viewer.grid.enabled and viewer.grid.stride == 3
+    assert viewer.canvas.grid.enabled and viewer.canvas.grid.stride == 3
+    assert list(viewer.layers)[:3] == added[:3]  # the first grid cell: image, map, target of "local"
     maps = [layer for layer in added if layer.name.endswith("ATE")]
     assert [m.name for m in maps] == ["local ATE", "global ATE"]
     assert maps[0].contrast_limits == maps[1].contrast_limits

@@ -110,7 +110,7 @@ def test_resample_draws_the_components_own_activation_on_bank_images():
 @pytest.mark.parametrize("intervention", ["zero", "noise"])
 def test_channels_in_one_batch_equal_one_at_a_time(intervention):
     model = wrap(LocalConv(layers=3, width=6, seed=2), 2, activation="none")
-    kwargs = dict(intervention=intervention, outcome="mean_logit", n_estimate=5, n_screen=0, seed=3)
+    kwargs = dict(intervention=intervention, outcome="mean_logit", n_estimate=3, n_screen=0, seed=3)
     batched = ComponentEffects(model, granularity="channels", layer="net 2", batch_size=64, **kwargs)
     single = ComponentEffects(model, granularity="channels", layer="net 2", batch_size=1, **kwargs)
     a, b = batched.attribute(IMAGE, REGION), single.attribute(IMAGE, REGION)
@@ -178,12 +178,13 @@ def test_explicit_components_by_path_and_unknown_names():
 
 
 def test_cancel_and_progress():
-    method = ComponentEffects(signal_model(), "noise", outcome="mean_logit", n_estimate=10, batch_size=2)
+    model = signal_model()
+    method = ComponentEffects(model, "noise", outcome="mean_logit", n_estimate=10, batch_size=2)
     seen = []
     with pytest.raises(Cancelled):
         method.attribute(IMAGE, REGION, progress=lambda p: seen.append(p.stage) or len(seen) < 3)
     assert seen[:2] == ["prepare", "screen"]
-    assert not SignalNet()._forward_hooks
+    assert not any(m._forward_hooks for m in model.network.modules())  # no hook left behind
 
 
 def test_results_are_saved_with_a_region_explanation(tmp_path):
