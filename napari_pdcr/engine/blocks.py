@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from napari_pdcr.engine.estimator import NodeSet, is_out_of_memory
+from napari_pdcr.engine.estimator import NodeSet, halved_batch_size
 from napari_pdcr.interventions.base import Intervention
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
@@ -75,13 +75,9 @@ class InputBlocks(NodeSet):
 
         try:
             base_scores = self.region_scores(self.crop[None])
-        except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory
-            if not is_out_of_memory(error):
-                raise
-            raise MemoryError(
-                "out of memory even with one image per batch: choose a smaller target "
-                "region or volume, or another device"
-            ) from error
+        except Exception as error:  # noqa: BLE001 - re-raised, out-of-memory as a clear MemoryError
+            halved_batch_size(error, batch_size=1)  # always raises at batch size 1
+            raise
         self.n_channels = base_scores.shape[1]
         self.channel = outcome.resolve_channel(self.n_channels, model.activation)
         predicted = outcome.predicted_mask(base_scores, model.activation, self.channel)[0].cpu()

@@ -110,6 +110,24 @@ class NodeSet(ABC):
         """Outcomes ``(B,)`` float64 of one forward batch: node ``nodes[i]`` set to ``replacements[i]``."""
 
 
+OUT_OF_MEMORY_AT_ONE = (
+    "out of memory even with one image per batch: choose a smaller target region or volume, or another device"
+)
+
+
+def halved_batch_size(error: BaseException, batch_size: int) -> int:
+    """The batch size to retry with after ``error``.
+
+    Re-raises ``error`` unless it is an out-of-memory error, and raises a clear
+    ``MemoryError`` when the batch size is already 1.
+    """
+    if not is_out_of_memory(error):
+        raise error
+    if batch_size <= 1:
+        raise MemoryError(OUT_OF_MEMORY_AT_ONE) from error
+    return max(1, batch_size // 2)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA / MPS / CPU allocator out-of-memory errors."""
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
@@ -138,14 +156,7 @@ class BatchRunner:
             try:
                 values = node_set.outcomes(nodes[start:stop], replacements[start:stop])
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an OOM
-                if not is_out_of_memory(error):
-                    raise
-                if self.batch_size == 1:
-                    raise MemoryError(
-                        "out of memory even with one image per batch: choose a smaller target "
-                        "region or volume, or another device"
-                    ) from error
-                self.batch_size = max(1, self.batch_size // 2)
+                self.batch_size = halved_batch_size(error, self.batch_size)
                 self.backoffs.append(f"out of memory: batch size reduced to {self.batch_size}")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -24,7 +24,7 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from napari_pdcr.engine.estimator import is_out_of_memory
+from napari_pdcr.engine.estimator import halved_batch_size
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.regions import BlockGrid
 
@@ -78,14 +78,7 @@ def iter_reachable_blocks(
                 with torch.inference_mode():
                     scores = model(batch).flatten(2)[:, :, region_index.to(model.device)]
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory
-                if not is_out_of_memory(error):
-                    raise
-                if batch_size == 1:
-                    raise MemoryError(
-                        "out of memory even with one image per batch: choose a smaller target "
-                        "region or volume, or another device"
-                    ) from error
-                batch_size = max(1, batch_size // 2)  # back off, as BatchRunner does
+                batch_size = halved_batch_size(error, batch_size)  # back off, as BatchRunner does
                 continue
             passes += len(chunk)
             hits += torch.isnan(scores).flatten(1).any(dim=1).tolist()

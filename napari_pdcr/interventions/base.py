@@ -19,7 +19,7 @@ class Intervention(ABC):
     name: str = "intervention"
     deterministic: bool = False
 
-    def prepare(self, image: torch.Tensor) -> None:
+    def prepare(self, image: torch.Tensor) -> None:  # noqa: B027 - optional hook, empty by default
         """Called once with the image ``(C, *S)`` (model input space) before sampling."""
 
     @abstractmethod
