@@ -18,7 +18,6 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.layers import Image, Labels, Shapes
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QFont
@@ -50,6 +49,7 @@ from napari_pdcr._napari.job import (
     split_sources,
 )
 from napari_pdcr._napari.layers import explanation_from_layer
+from napari_pdcr._napari.runner import BackgroundRun
 from napari_pdcr._napari.widget import (
     USER_ERRORS,
     LayerChoice,
@@ -150,7 +150,7 @@ class ComponentPlot(QWidget):
         self.canvas.draw_idle()
 
 
-class ComponentsWidget(QWidget):
+class ComponentsWidget(BackgroundRun, QWidget):
     """Explain which network components a model's output in a region relies on."""
 
     def __init__(self, napari_viewer):
@@ -398,43 +398,17 @@ class ComponentsWidget(QWidget):
 
     def run(self) -> None:
         """Start a run in a background worker (refused while one is going)."""
-        if self.worker is not None:
-            show_info("A run is already going: wait for it or press Cancel.")
+        if self.refuse_if_running():
             return
         try:
             job = self.make_job()
         except USER_ERRORS as error:
             show_error(user_message(error))
             return
-        worker = create_worker(job.iter_run, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self._set_running(True)
-        self.progress.setValue(0)
-        self.progress.setFormat("loading the model and bank activations…")
-        worker.start()
+        self.start_worker(job.iter_run, loading_text="loading the model and bank activations…")
 
-    def cancel(self) -> None:
-        """Ask the running worker to stop after its current batch."""
-        if self.worker is not None:
-            self.worker.quit()
-            self.cancel_button.setEnabled(False)
-            self.progress.setFormat("cancelling after this batch…")
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        self.tabs.widget(0).setEnabled(not running)
-
-    def _on_progress(self, progress) -> None:
-        self.progress.setValue(int(1000 * progress.fraction))
-        eta = progress.eta_s
-        left = "" if eta is None else f" · ~{eta:.0f} s left"
-        self.progress.setFormat(f"{progress.stage}: {progress.done}/{progress.total} evaluations{left}")
+    def settings_panel(self) -> QWidget:
+        return self.tabs.widget(0)
 
     def _on_returned(self, result: ComponentExplanation) -> None:
         self.result = result
@@ -473,14 +447,6 @@ class ComponentsWidget(QWidget):
             show_error(str(error))
         else:
             show_error(user_message(error))
-
-    def _on_aborted(self) -> None:
-        self.progress.setValue(0)
-        self.progress.setFormat("cancelled: no result")
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._set_running(False)
 
     # ------------------------------------------------------------------ saving
     def save_result(self, path: str | Path | None = None) -> Path | None:

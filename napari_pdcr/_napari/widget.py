@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels, Layer, Shapes
-from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
@@ -46,6 +45,7 @@ from napari_pdcr._napari.job import (
 )
 from napari_pdcr._napari.layers import explanation_layer_data
 from napari_pdcr._napari.plots import EffectPlots, render_plots
+from napari_pdcr._napari.runner import BackgroundRun
 from napari_pdcr.io.results import save_explanation
 from napari_pdcr.models.demo import demo_model_names
 from napari_pdcr.models.devices import DEVICE_CHOICES, resolve_device
@@ -145,7 +145,7 @@ def _combo(items, tooltip: str, current: str | None = None) -> QComboBox:
     return box
 
 
-class RegionEffectsWidget(QWidget):
+class RegionEffectsWidget(BackgroundRun, QWidget):
     """Explain a segmentation model's output in a region by block interventions (ATE map)."""
 
     def __init__(self, napari_viewer):
@@ -538,8 +538,7 @@ class RegionEffectsWidget(QWidget):
 
     def run(self) -> None:
         """Start a run in a background worker (refused while one is going)."""
-        if self.worker is not None:
-            show_info("A run is already going: wait for it or press Cancel.")
+        if self.refuse_if_running():
             return
         try:
             job = self.make_job()
@@ -548,42 +547,16 @@ class RegionEffectsWidget(QWidget):
             show_error(user_message(error))
             return
         options = {"show_standard_error": self.show_se.isChecked(), "show_prediction": self.show_prediction.isChecked()}
-        plot_width = self._plot_width()
-        worker = create_worker(
-            compute_result, job, options, plot_width, self.devicePixelRatioF(), _start_thread=False, _ignore_errors=True
+        self.start_worker(
+            compute_result, job, options, self._plot_width(), self.devicePixelRatioF(), loading_text="loading the model…"
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self._set_running(True)
-        self.progress.setValue(0)
-        self.progress.setFormat("loading the model…")
-        worker.start()
 
-    def cancel(self) -> None:
-        """Ask the running worker to stop after its current batch."""
-        if self.worker is not None:
-            self.worker.quit()
-            self.cancel_button.setEnabled(False)
-            self.progress.setFormat("cancelling after this batch…")
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        self.tabs.widget(0).widget().setEnabled(not running)  # the settings, not their scroll bar
+    def settings_panel(self) -> QWidget:
+        return self.tabs.widget(0).widget()  # the settings, not their scroll bar
 
     def _plot_width(self) -> int:
         """Width for the plots: the Results page's, less its margins and a scroll bar (240-420 px)."""
         return min(420, max(240, self.tabs.width() - 60))
-
-    def _on_progress(self, progress) -> None:
-        self.progress.setValue(int(1000 * progress.fraction))
-        eta = progress.eta_s
-        left = "" if eta is None else f" · ~{eta:.0f} s left" if eta >= 1 else " · <1 s left"
-        self.progress.setFormat(f"{progress.stage}: {progress.done}/{progress.total} evaluations{left}")
 
     def _on_returned(self, result) -> None:
         explanation, layer_data, plot_image = result
@@ -616,14 +589,6 @@ class RegionEffectsWidget(QWidget):
         logger.error("napari-pdcr run failed", exc_info=(type(error), error, error.__traceback__))
         self.progress.setFormat("failed")
         show_error(user_message(error))
-
-    def _on_aborted(self) -> None:
-        self.progress.setValue(0)
-        self.progress.setFormat("cancelled: no result")
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._set_running(False)
 
     # ------------------------------------------------------------------ saving
     def save_result(self, path: str | Path | None = None) -> Path | None:

@@ -1,0 +1,64 @@
+"""Run / cancel wiring shared by the dock widgets: one napari worker at a time."""
+
+from __future__ import annotations
+
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_info
+
+
+class BackgroundRun:
+    """Mixin for a dock widget that runs a progress generator in a napari worker.
+
+    The widget provides ``run_button``, ``cancel_button``, ``progress`` (a QProgressBar
+    with range 0-1000), ``worker`` (None when idle), ``settings_panel()`` (the widget
+    disabled while running) and the ``_on_returned(result)`` / ``_on_errored(error)``
+    slots. A second run while one is going is refused, not raced; Cancel stops the
+    worker at its next yield (within one batch) and nothing is returned.
+    """
+
+    def refuse_if_running(self) -> bool:
+        """True (and a notification) when a run is already going."""
+        if self.worker is not None:
+            show_info("A run is already going: wait for it or press Cancel.")
+            return True
+        return False
+
+    def start_worker(self, function, *args, loading_text: str) -> None:
+        """Run ``function(*args)`` (a generator of ``Progress``) in a worker."""
+        worker = create_worker(function, *args, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._set_running(True)
+        self.progress.setValue(0)
+        self.progress.setFormat(loading_text)
+        worker.start()
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop after its current batch."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.cancel_button.setEnabled(False)
+            self.progress.setFormat("cancelling after this batch…")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.settings_panel().setEnabled(not running)
+
+    def _on_progress(self, progress) -> None:
+        self.progress.setValue(int(1000 * progress.fraction))
+        eta = progress.eta_s
+        left = "" if eta is None else f" · ~{eta:.0f} s left" if eta >= 1 else " · <1 s left"
+        self.progress.setFormat(f"{progress.stage}: {progress.done}/{progress.total} evaluations{left}")
+
+    def _on_aborted(self) -> None:
+        self.progress.setValue(0)
+        self.progress.setFormat("cancelled: no result")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._set_running(False)
