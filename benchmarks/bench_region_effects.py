@@ -198,6 +198,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer reference draws, no exact 3D run")
     parser.add_argument("--skip-3d", action="store_true")
+    parser.add_argument("--skip-2d", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write the table to")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -205,7 +206,7 @@ def main():
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, CPU.\n"
     ]
-    rows = header + run_2d(args.quick)
+    rows = header + ([] if args.skip_2d else run_2d(args.quick))
     if not args.skip_3d:
         rows += run_3d(args.quick)
     text = "\n".join(rows)

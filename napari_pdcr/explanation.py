@@ -37,6 +37,8 @@ class RegionExplanation:
     model_identity: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  #: versions, time, seed
     timings: dict = field(default_factory=dict)  #: seconds per phase
+    #: images run through the model for the estimate, the reach probe and coarse screening
+    #: (the few overhead passes - base outcome, window check, full prediction - are not counted)
     forward_passes: int = 0
     spacing: tuple[float, ...] | None = None  #: voxel size (e.g. mm) for distances
     log: list[str] = field(default_factory=list)

@@ -280,6 +280,7 @@ class RegionEffects:
         parameters = self.parameters()
         parameters.update(
             batch_size=batch_size,
+            batch_size_after_backoff=runner.batch_size,
             window=[[w.start, w.stop] for w in window] if window else None,
             n_candidate_blocks=int(candidates.sum()),
             n_reachable_blocks=int(reach.sum()),

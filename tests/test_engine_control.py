@@ -191,6 +191,8 @@ def test_out_of_memory_backs_off_and_gives_the_same_result(mode):
     assert oom.n_oom > 0 and max(oom.batch_sizes) <= 5
     assert any("out of memory" in line and "batch size reduced to 4" in line for line in backed_off.log), backed_off.log
     assert not any("out of memory" in line for line in small.log)
+    assert backed_off.parameters["batch_size"] == 32 and backed_off.parameters["batch_size_after_backoff"] == 4
+    assert small.parameters["batch_size_after_backoff"] == 4
 
 
 @pytest.mark.parametrize("mode", ["published", "exact"])
