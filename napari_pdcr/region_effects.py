@@ -74,6 +74,15 @@ def package_versions() -> dict[str, str]:
     }
 
 
+def run_provenance(seed: int) -> dict:
+    """Provenance of one run: package versions, creation time (UTC) and seed."""
+    return {
+        "versions": package_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+    }
+
+
 def default_batch_size(device: torch.device, item_bytes: int, memory_budget_mb: float) -> int:
     """Items per forward batch: bounded by a memory budget (activations ~64x the input)."""
     by_memory = int(memory_budget_mb * 2**20 // max(1, 64 * item_bytes))
@@ -301,11 +310,7 @@ class RegionEffects:
             base_outcome=estimates.base_outcome,
             parameters=parameters,
             model_identity=model.identity(),
-            provenance={
-                "versions": package_versions(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seed": self.seed,
-            },
+            provenance=run_provenance(self.seed),
             timings=timings,
             forward_passes=estimates.forward_passes + probe_passes + coarse_passes,
             spacing=None if spacing is None else tuple(float(s) for s in spacing),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Sequence
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ from napari_pdcr.engine.estimator import (
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.models.devices import resolve_device
 from napari_pdcr.outcomes import Outcome
-from napari_pdcr.region_effects import default_batch_size, package_versions
+from napari_pdcr.region_effects import default_batch_size, run_provenance
 from napari_pdcr.regions import validate_region
 
 
@@ -214,11 +213,7 @@ class ComponentEffects:
             target_region=region,
             parameters=parameters,
             model_identity=model.identity(),
-            provenance={
-                "versions": package_versions(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seed": self.seed,
-            },
+            provenance=run_provenance(self.seed),
             timings=timings,
             forward_passes=estimates.forward_passes + nodes.setup_passes + 1,
             log=estimates.log,
