@@ -10,20 +10,15 @@ Without napari, arrays work the same way and nothing is displayed::
 
     result = explain(image, mask, model="unet2d", intervention="zero", block_shape=16)
 
-Qt-free: importing this module imports neither Qt nor napari's Qt parts.
+Importing this module imports neither napari nor Qt; explaining arrays without a
+viewer never imports napari.
 """
 
 from __future__ import annotations
 
-from napari_pdcr._napari.job import (
-    ExplainJob,
-    image_array,
-    layer_geometry,
-    region_mask,
-    region_name,
-)
 from napari_pdcr.engine.estimator import drive
 from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.jobs import ExplainJob
 
 #: Keyword arguments passed on to :class:`~napari_pdcr.region_effects.RegionEffects`.
 METHOD_PARAMETERS = ("block_shape", "n_screen", "n_estimate", "tau", "mode", "seed", "device", "batch_size")
@@ -38,6 +33,11 @@ def _layer(obj, viewer):
             raise ValueError(f"there is no layer named {obj!r}; layers: {', '.join(layer.name for layer in viewer.layers)}")
         return viewer.layers[obj]
     return obj
+
+
+def _from_napari(obj) -> bool:
+    """True for a napari layer (or a viewer's proxy of one), judged without importing napari."""
+    return any(cls.__module__.partition(".")[0] == "napari" for cls in type(obj).__mro__)
 
 
 def explain(
@@ -99,9 +99,13 @@ def explain(
         raise TypeError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(METHOD_PARAMETERS)}")
     image = _layer(image, viewer)
     target = _layer(target_region, viewer)
-    geometry = layer_geometry(image)
     reference = _layer(reference, viewer)
     bank = _layer(bank, viewer)
+    if viewer is not None or any(_from_napari(obj) for obj in (image, target, reference, bank)):
+        from napari_pdcr._napari.inputs import image_array, layer_geometry, region_mask, region_name
+    else:
+        from napari_pdcr.jobs import image_array, layer_geometry, region_mask, region_name
+    geometry = layer_geometry(image)
     job = ExplainJob(
         image=image_array(image),
         target_region=region_mask(target, image, label=label, point=point),

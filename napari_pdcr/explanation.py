@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -159,14 +160,20 @@ class RegionExplanation:
         }
 
     # ---------------------------------------------------------------- I/O and viewer
-    def save(self, path) -> None:
-        """Write to a zarr store at ``path`` atomically (see :mod:`napari_pdcr.io.results`)."""
+    def save(self, path, overwrite: bool = True) -> Path:
+        """Write to a result store (a ``.zarr`` folder) at ``path`` atomically; returns ``path``.
+
+        A previous napari-pdcr result store at ``path`` is replaced unless ``overwrite`` is
+        False; anything else there (a file, other folders, other zarr stores) is never touched:
+        ``FileExistsError``. See :func:`napari_pdcr.io.results.write_store`.
+        """
         from napari_pdcr.io.results import save_explanation
 
-        save_explanation(self, path)
+        return save_explanation(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> RegionExplanation:
+        """Read a store written by :meth:`save` (``DamagedStoreError`` when it is damaged)."""
         from napari_pdcr.io.results import load_explanation
 
         return load_explanation(path)

@@ -9,10 +9,12 @@ the published method; ``mean_probability`` is in percent too, so that one thresh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
+
+from napari_pdcr.validation import finite_float, non_negative_int, positive_float, shown
 
 OutcomeKind = Literal["dice", "soft_dice", "mean_probability", "mean_logit"]
 OUTCOME_KINDS: tuple[str, ...] = ("dice", "soft_dice", "mean_probability", "mean_logit")
@@ -48,8 +50,15 @@ class Outcome:
     def __post_init__(self):
         if self.kind not in OUTCOME_KINDS:
             raise ValueError(f"unknown outcome {self.kind!r}; choose one of {', '.join(OUTCOME_KINDS)}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.channel is not None:
+            object.__setattr__(self, "channel", non_negative_int("channel", self.channel))
+        object.__setattr__(self, "temperature", positive_float("temperature", self.temperature))
+        threshold = finite_float("threshold", self.threshold)
+        if not 0 < threshold < 1:
+            raise ValueError(
+                f"threshold must be a probability between 0 and 1 (exclusive); got {shown(self.threshold)}"
+            )
+        object.__setattr__(self, "threshold", threshold)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -104,3 +113,23 @@ class Outcome:
         total = pred.sum(dim=1) + ref.sum(dim=1)
         # Both empty: the prediction agrees perfectly with an empty reference.
         return torch.where(total > 0, 200.0 * overlap / total.clamp_min(1e-12), torch.full_like(total, 100.0))
+
+
+def outcome_for(outcome: Outcome | str, model) -> Outcome:
+    """The outcome a method measures on ``model``, checked before any forward pass.
+
+    A kind (``"dice"``, ...) gets the channel and temperature of the model's
+    description; an :class:`Outcome` without a channel gets the description's channel.
+    When the description knows the output channels, the channel is checked against them.
+    """
+    description = getattr(model, "description", None)
+    if isinstance(outcome, str):
+        outcome = Outcome(outcome) if description is None else description.outcome(outcome)
+    elif not isinstance(outcome, Outcome):
+        raise TypeError(f"outcome must be an Outcome or one of {', '.join(OUTCOME_KINDS)}; got {shown(outcome)}")
+    elif outcome.channel is None and getattr(description, "channel", None) is not None:
+        outcome = replace(outcome, channel=description.channel)
+    out_channels = getattr(description, "out_channels", None)
+    if out_channels is not None:
+        outcome.resolve_channel(out_channels, model.activation)
+    return outcome

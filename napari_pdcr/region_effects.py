@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from napari_pdcr.engine.blocks import PRECISIONS, BlockGroups, InputBlocks
+from napari_pdcr.engine.blocks import BlockGroups, InputBlocks
 from napari_pdcr.engine.estimator import (
     BatchRunner,
     EstimatorSettings,
@@ -39,13 +39,21 @@ from napari_pdcr.engine.reach import (
     verify_unreachable,
     window_is_exact,
 )
+from napari_pdcr.engine.scoring import PRECISIONS
 from napari_pdcr.engine.windowed import WindowedInputBlocks
 from napari_pdcr.explanation import RegionExplanation
 from napari_pdcr.interventions import Intervention, make_intervention
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.models.devices import resolve_device
-from napari_pdcr.outcomes import Outcome
-from napari_pdcr.regions import BlockGrid, validate_region
+from napari_pdcr.outcomes import Outcome, outcome_for
+from napari_pdcr.regions import (
+    BlockGrid,
+    block_shape_for,
+    validate_reference,
+    validate_region,
+    voxel_spacing,
+)
+from napari_pdcr.validation import optional_positive_int, positive_float, shown
 
 #: Presets of the ``mode`` argument: which accelerations are on.
 MODES = {
@@ -102,7 +110,8 @@ class RegionEffects:
         a :class:`~napari_pdcr.interventions.PatchBank` of other images) or a name
         (``"zero"``, ``"mean"``, ``"blur"``, ``"noise"``, ``"constant"``).
     outcome
-        An :class:`~napari_pdcr.outcomes.Outcome` or its kind (``"dice"`` default).
+        An :class:`~napari_pdcr.outcomes.Outcome` or its kind (``"dice"`` default); the
+        channel of the model's description is used where it gives none.
     block_shape
         Block size in voxels, one int or one per spatial axis (default 8).
     n_screen, n_estimate, tau
@@ -145,22 +154,22 @@ class RegionEffects:
         se_target: float = 0.1,
     ):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {shown(mode)}")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        self.model = model
-        self.intervention = make_intervention(intervention) if isinstance(intervention, str) else intervention
-        self.outcome = Outcome(outcome) if isinstance(outcome, str) else outcome
-        self.block_shape = block_shape
-        self.mode, self.seed, self.precision = mode, int(seed), precision
-        self.device = resolve_device(device)
-        self.batch_size, self.memory_budget_mb = batch_size, memory_budget_mb
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {shown(precision)}")
         self.settings = EstimatorSettings(
-            n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=self.seed,
+            n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=seed,
             adaptive=MODES[mode]["adaptive"], se_target=se_target,
         )
+        block_shape_for(block_shape, model.spatial_dims)
+        self.model = model
+        self.intervention = make_intervention(intervention) if isinstance(intervention, str) else intervention
+        self.outcome = outcome_for(outcome, model)
+        self.block_shape = block_shape
+        self.mode, self.seed, self.precision = mode, self.settings.seed, precision
+        self.device = resolve_device(device)
+        self.batch_size = optional_positive_int("batch_size", batch_size)
+        self.memory_budget_mb = positive_float("memory_budget_mb", memory_budget_mb)
 
     def parameters(self) -> dict:
         """Every parameter of the method, JSON-serialisable (for provenance)."""
@@ -205,16 +214,28 @@ class RegionEffects:
             Voxel size per axis (e.g. mm), used for distances in the summaries.
         """
         t_start = time.perf_counter()
-        model = self.model.to(self.device)
-        x = model.prepare_image(image)
+        # every input is checked here, before the model moves or runs
+        x = self.model.prepare_image(image)
         spatial = tuple(x.shape[1:])
         region = validate_region(target_region, spatial, "target region")
-        ref = None if reference is None else validate_region(reference, spatial, "reference mask", allow_empty=True)
+        ref = None if reference is None else validate_reference(reference, spatial)
+        spacing = voxel_spacing(spacing, len(spatial))
         grid = BlockGrid.create(spatial, self.block_shape)
+        if any(b > n for b, n in zip(grid.block_shape, spatial, strict=True)):
+            raise ValueError(
+                f"block_shape {grid.block_shape} is larger than the image {spatial}: "
+                "choose blocks smaller than the image"
+            )
+        target_blocks = grid.any_per_block(region)
+        if target_blocks.all():
+            raise ValueError(
+                "the target region covers every block of the image: nothing is left to intervene on; "
+                "choose a smaller region or smaller blocks"
+            )
+        self.intervention.check(x, grid.block_shape)
+        model = self.model.to(self.device)
         x = x.to(self.device)
         options = MODES[self.mode]
-
-        target_blocks = grid.any_per_block(region)
         candidates = ~target_blocks
         timings, log = {}, []
 

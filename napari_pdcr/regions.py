@@ -8,6 +8,8 @@ from functools import cached_property
 
 import numpy as np
 
+from napari_pdcr.validation import positive_float, positive_int, shown
+
 
 def box_region(shape: Sequence[int], start: Sequence[int], size: Sequence[int] | int) -> np.ndarray:
     """Boolean mask of ``shape`` that is True in the box ``[start, start + size)``.
@@ -52,6 +54,65 @@ def validate_region(
     return region
 
 
+def validate_reference(reference, spatial_shape: Sequence[int]) -> np.ndarray:
+    """A reference (ground-truth) mask as bool ``spatial_shape``; it must be binary.
+
+    Bool, or numbers with one value besides 0 (0/1, 0/255). Several labels or
+    probabilities raise a ``ValueError`` that says how to make one mask of them.
+    """
+    mask = validate_region(reference, spatial_shape, "reference mask", allow_empty=True)
+    values = np.asarray(reference)[mask]
+    if values.dtype == bool or not values.size:
+        return mask
+    if not np.array_equal(values, np.round(values)):
+        if values.min() >= 0 and values.max() <= 1:
+            raise ValueError(
+                "the reference mask holds probabilities (values between 0 and 1): threshold it first "
+                "(e.g. reference > 0.5)"
+            )
+        raise ValueError(
+            "the reference mask holds fractional values: pass a binary mask, or threshold it (reference > t)"
+        )
+    if (values != values.flat[0]).any():
+        distinct = np.unique(np.asarray(reference))
+        listed = ", ".join(f"{v:g}" for v in distinct[:6]) + (", ..." if len(distinct) > 6 else "")
+        raise ValueError(
+            f"the reference mask has {len(distinct)} distinct values ({listed}): pass a binary mask, "
+            "or choose a label (reference == label)"
+        )
+    return mask
+
+
+def block_shape_for(block_shape, spatial_dims: int) -> tuple[int, ...]:
+    """``block_shape`` (one int, or one per spatial axis) as a tuple of ``spatial_dims`` positive ints."""
+    message = (
+        f"block_shape must be a positive integer or {spatial_dims} of them (one per spatial axis); "
+        f"got {shown(block_shape)}"
+    )
+    entries = (block_shape,) * spatial_dims if np.isscalar(block_shape) else block_shape
+    try:
+        values = tuple(positive_int("block_shape", b) for b in entries)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if len(values) != spatial_dims:
+        raise ValueError(message)
+    return values
+
+
+def voxel_spacing(spacing, spatial_dims: int) -> tuple[float, ...] | None:
+    """``spacing`` (``None``, or one voxel size per spatial axis) as a tuple of positive floats."""
+    if spacing is None:
+        return None
+    message = f"spacing must be {spatial_dims} finite numbers > 0 (one per spatial axis); got {shown(spacing)}"
+    try:
+        values = tuple(positive_float("spacing", s) for s in spacing)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if len(values) != spatial_dims:
+        raise ValueError(message)
+    return values
+
+
 @dataclass(frozen=True)
 class BlockGrid:
     """A grid of blocks of ``block_shape`` covering ``spatial_shape`` (edge blocks are smaller).
@@ -65,12 +126,7 @@ class BlockGrid:
     @classmethod
     def create(cls, spatial_shape: Sequence[int], block_shape: Sequence[int] | int) -> BlockGrid:
         spatial_shape = tuple(int(s) for s in spatial_shape)
-        if np.isscalar(block_shape):
-            block_shape = (int(block_shape),) * len(spatial_shape)
-        block_shape = tuple(int(b) for b in block_shape)
-        if len(block_shape) != len(spatial_shape) or any(b < 1 for b in block_shape):
-            raise ValueError(f"block shape {block_shape} must be positive, one entry per axis of {spatial_shape}")
-        return cls(spatial_shape, block_shape)
+        return cls(spatial_shape, block_shape_for(block_shape, len(spatial_shape)))
 
     @cached_property
     def shape(self) -> tuple[int, ...]:

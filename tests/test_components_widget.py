@@ -35,7 +35,9 @@ def widget(make_napari_viewer, qtbot):
 
 
 def test_run_in_a_worker_shows_the_bar_chart(widget, qtbot):
-    listing = widget.list_components()
+    widget.list_components()  # the model is loaded and probed in a worker
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    listing = widget.listing.toPlainText()
     assert "net 0 (full res)" in listing and "Conv2d" in listing
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
@@ -49,7 +51,8 @@ def test_run_in_a_worker_shows_the_bar_chart(widget, qtbot):
 
 
 def test_channels_cancel_and_save(widget, qtbot, tmp_path):
-    widget.granularity.setCurrentText("channels")
+    widget.granularity.setCurrentText("channels")  # lists the layers in a worker
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
     assert widget.layer_choice.count() == 3
     widget.layer_choice.setCurrentText("net 2")
     widget.intervention.setCurrentText("noise")

@@ -10,9 +10,10 @@ import pytest
 from napari.components import ViewerModel
 
 from napari_pdcr import RegionExplanation, centered_box
-from napari_pdcr._napari.job import component_at, default_bank, region_mask, split_sources
+from napari_pdcr._napari.inputs import region_mask
 from napari_pdcr._napari.layers import METADATA_KEY
 from napari_pdcr.console import explain
+from napari_pdcr.jobs import component_at, default_bank, split_sources
 from napari_pdcr.samples import load_sample
 
 #: A budget that runs the 2D demo model in a few seconds on 2 CPU cores.

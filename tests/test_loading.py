@@ -60,7 +60,7 @@ def run(model: SegmentationModel, x: torch.Tensor) -> torch.Tensor:
 def test_torchscript_round_trip_with_inference_and_description_file(tmp_path, network, image):
     path = tmp_path / "brain.pt"
     torch.jit.save(torch.jit.script(network), path)
-    model = load_model(path)
+    model = load_model(path, trusted=True)
     assert (model.spatial_dims, model.in_channels, model.activation) == (3, 1, "softmax")
     assert model.divisible_by == 4  # two stride-2 levels
     assert model.sha256 == hash_file(path) and model.source == str(path) and model.name == "brain"
@@ -70,17 +70,17 @@ def test_torchscript_round_trip_with_inference_and_description_file(tmp_path, ne
 
     settings = {"spatial_dims": 3, "in_channels": 1, "divisible_by": 4, "activation": "none", "channel": 1, "temperature": 2.0}
     (tmp_path / "brain.pdcr.json").write_text(json.dumps(settings))
-    described = load_model(path)
+    described = load_model(path, trusted=True)
     assert described.activation == "none" and described.description.channel == 1
     assert described.description.outcome("soft_dice").temperature == 2.0
     # fields given to load_model win over the file
-    assert load_model(path, description={"activation": "sigmoid"}).activation == "sigmoid"
+    assert load_model(path, trusted=True, description={"activation": "sigmoid"}).activation == "sigmoid"
 
 
 def test_traced_torchscript_with_another_suffix(tmp_path, network, image):
     path = tmp_path / "traced.ts"
     torch.jit.save(torch.jit.trace(network, image), path)
-    model = load_model(path, description={"spatial_dims": 3, "in_channels": 1, "divisible_by": 4})
+    model = load_model(path, trusted=True, description={"spatial_dims": 3, "in_channels": 1, "divisible_by": 4})
     torch.testing.assert_close(run(model, image), expected_scores(network, image))
     assert not model.is_module  # TorchScript: region effects only
 
@@ -90,7 +90,7 @@ def test_export_round_trip_dynamic_batch_and_fixed_size(tmp_path, network, image
     program = torch.export.export(network, (image.expand(2, -1, -1, -1, -1),), dynamic_shapes={"x": {0: batch}})
     path = tmp_path / "brain.pt2"
     torch.export.save(program, path)
-    model = load_model(path)
+    model = load_model(path, trusted=True)
     assert model.sha256 == hash_file(path)
     # a program specialised to 20x24x16 is applied by sliding windows of that size
     assert model.sliding_window is not None and model.sliding_window.window_size((20, 24, 16)) == (20, 24, 16)
@@ -105,11 +105,11 @@ def test_export_round_trip_dynamic_batch_and_fixed_size(tmp_path, network, image
 def test_export_with_batch_one_runs_one_image_at_a_time(tmp_path, network, image):
     path = tmp_path / "single.pt2"
     torch.export.save(torch.export.export(network, (image,)), path)
-    model = load_model(path, description={"sliding_window": {"roi_size": [20, 24, 16], "overlap": 0.5}})
+    model = load_model(path, trusted=True, description={"sliding_window": {"roi_size": [20, 24, 16], "overlap": 0.5}})
     pair = torch.cat([image, image.flip(2)])
     torch.testing.assert_close(run(model, pair), expected_scores(network, pair))
     with pytest.raises(ModelLoadError, match="accepts only inputs of spatial size"):
-        load_model(path, description={"sliding_window": {"roi_size": 16}})
+        load_model(path, trusted=True, description={"sliding_window": {"roi_size": 16}})
 
 
 def write_bundle(root, network) -> None:
@@ -232,7 +232,7 @@ def test_missing_corrupt_and_unknown_files(tmp_path, network):
     with pytest.raises(ModelLoadError, match="not a MONAI bundle"):
         load_model(tmp_path / "folder")
     shutil.copy(good, tmp_path / "renamed.pt2")  # the content decides, not the suffix
-    assert load_model(tmp_path / "renamed.pt2").sha256 == hash_file(good)
+    assert load_model(tmp_path / "renamed.pt2", trusted=True).sha256 == hash_file(good)
 
 
 def test_description_mismatches_are_reported(network):
@@ -289,6 +289,6 @@ def test_real_third_party_torchscript_deepbet_if_installed():
     path = next((f.locate() for f in files if str(f).replace("\\", "/").endswith("data/models/model.pt")), None)
     if path is None or not path.is_file():
         pytest.skip("deepbet's model.pt is not where its wheel puts it")
-    model = load_model(path)
+    model = load_model(path, trusted=True)
     assert (model.spatial_dims, model.in_channels, model.activation, model.divisible_by) == (3, 1, "none", 32)
     assert model.description.out_channels == 2

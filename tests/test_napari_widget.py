@@ -151,7 +151,7 @@ def test_paint_run_to_completion(viewer_2d, qtbot, tmp_path):
     assert meta["summary"]["counts"]["negative"] > 0
     assert widget.explanation is meta["explanation"]
     assert widget.tabs.currentIndex() == 1 and widget.save_button.isEnabled()
-    assert widget.plots.image is not None and widget.plots.image.shape[0] > widget.plots.image.shape[1]
+    assert widget.plot.image is not None and widget.plot.image.shape[0] > widget.plot.image.shape[1]
     assert widget.run_button.isEnabled()
 
     # the rendered map is not blank: red blocks (negative effects) show over the image

@@ -72,7 +72,7 @@ def shots_2d() -> None:
     viewer.layers.selection.active = viewer.layers[-2]
     settle()
     grab(viewer, "widget_result_2d.png")
-    _save_plot(widget.plots.image, "plots_2d.png")
+    _save_plot(widget.plot.image, "plots_2d.png")
     viewer.close()
 
 

@@ -11,45 +11,46 @@ No Qt here: works with a ``napari.components.ViewerModel`` too.
 
 from __future__ import annotations
 
-import matplotlib
 import numpy as np
+from matplotlib.colors import to_rgba
 from napari.layers import Layer
 from napari.utils.colormaps import Colormap, DirectLabelColormap
 from scipy import ndimage
 
 from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.plotting.style import (
+    CENTRE_COLOR,
+    NEGATIVE_COLOR,
+    NEGATIVE_LIGHT,
+    POSITIVE_COLOR,
+    POSITIVE_LIGHT,
+    symmetric_limit,
+)
 
 #: Key of napari-pdcr's entry in ``layer.metadata``.
 METADATA_KEY = "napari_pdcr"
 
-#: Name of the ATE colormap (matplotlib's RdBu with a transparent centre).
+#: Name of the ATE colormap (the RdBu colours with a transparent centre).
 EFFECT_COLORMAP_NAME = "pdcr effect (RdBu)"
 
 
 def effect_colormap() -> Colormap:
-    """Diverging colormap for ATE maps: -m red, 0 transparent, +m blue (matplotlib ``RdBu``).
+    """Diverging colormap for ATE maps: -m red, 0 transparent, +m blue (the plots' ``RdBu`` colours).
 
     The published figures colour negative effects (the block supported the outcome) red
     and positive ones blue. Zero is fully transparent so that the image shows through
     where nothing was found (values within 1 % of the limit are transparent too); small
-    effects stay clearly coloured (medium red / blue at 60 % opacity) and darken to full
+    effects stay clearly coloured (light red / blue at 60 % opacity) and darken to full
     opacity at the contrast limit.
     """
-    rdbu = matplotlib.colormaps["RdBu"]
     # The transparent band around 0 is a plateau, not a point: GPU colormap lookups are
     # tables of ~1000 entries with linear filtering, and a single transparent control
     # point would still give zero a visible alpha (a grey fog in 3D volume rendering).
     controls = [0.0, 0.49, 0.495, 0.505, 0.51, 1.0]
-    positions = [0.08, 0.25, 0.5, 0.5, 0.75, 0.92]
+    colors = [NEGATIVE_COLOR, NEGATIVE_LIGHT, CENTRE_COLOR, CENTRE_COLOR, POSITIVE_LIGHT, POSITIVE_COLOR]
     alphas = [1.0, 0.6, 0.0, 0.0, 0.6, 1.0]
-    colors = [(*rdbu(p)[:3], a) for p, a in zip(positions, alphas, strict=True)]
-    return Colormap(colors=colors, controls=controls, name=EFFECT_COLORMAP_NAME)
-
-
-def symmetric_limit(values: np.ndarray) -> float:
-    """``m`` for contrast limits ``(-m, m)``: the largest absolute value (1 if all are 0)."""
-    m = float(np.max(np.abs(values))) if np.size(values) else 0.0
-    return m if m > 0 and np.isfinite(m) else 1.0
+    rgba = [to_rgba(c, a) for c, a in zip(colors, alphas, strict=True)]
+    return Colormap(colors=rgba, controls=controls, name=EFFECT_COLORMAP_NAME)
 
 
 def default_name(explanation: RegionExplanation) -> str:
@@ -176,25 +177,10 @@ def explanation_layer_data(
     return layers
 
 
-def add_explanation_layers(
-    viewer,
-    explanation: RegionExplanation,
-    source_layer=None,
-    name: str | None = None,
-    show_standard_error: bool = False,
-    show_prediction: bool = True,
-    show_target_region: bool = False,
-) -> list[Layer]:
-    """Add an explanation's layers to ``viewer`` (see :func:`explanation_layer_data`); returns them.
+def add_explanation_layers(viewer, explanation: RegionExplanation, **options) -> list[Layer]:
+    """Add an explanation's layers to ``viewer`` and return them.
 
-    ``source_layer``: the explained image layer, whose scale and translate the new layers copy.
+    ``options`` are those of :func:`explanation_layer_data`; ``source_layer`` is the
+    explained image layer, whose scale and translate the new layers copy.
     """
-    data = explanation_layer_data(
-        explanation,
-        source_layer=source_layer,
-        name=name,
-        show_standard_error=show_standard_error,
-        show_prediction=show_prediction,
-        show_target_region=show_target_region,
-    )
-    return [viewer.add_layer(Layer.create(*item)) for item in data]
+    return [viewer.add_layer(Layer.create(*item)) for item in explanation_layer_data(explanation, **options)]

@@ -1,28 +1,44 @@
-"""Summary plots of an explanation for the dock widget (matplotlib, shown in Qt).
+"""Plots of results for the dock widgets (matplotlib, shown in Qt).
 
-The figure is drawn with matplotlib's Agg canvas by :func:`render_plots`, which needs no
-Qt and runs in the widget's worker thread (drawing three annotated plots takes a few
-hundred milliseconds, which would otherwise freeze the viewer); :class:`EffectPlots`
-only displays the finished image. The plots themselves come from
-:mod:`napari_pdcr.plotting`.
+Figures are drawn with matplotlib's Agg canvas in the dock style
+(:func:`~napari_pdcr.plotting.style.dock_style`) by :func:`render`, which needs no Qt and
+runs in the widget's worker thread (drawing three annotated plots takes a few hundred
+milliseconds, which would otherwise freeze the viewer); :class:`EffectPlots` only
+displays the finished figure. The plots themselves come from :mod:`napari_pdcr.plotting`.
 """
 
 from __future__ import annotations
 
-import matplotlib
+from functools import partial
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QLabel, QSizePolicy
 
-from napari_pdcr.explanation import RegionExplanation
-from napari_pdcr.plotting import plot_block_counts, plot_effect_vs_distance, plot_histogram
+from napari_pdcr.plotting import (
+    plot_block_counts,
+    plot_components,
+    plot_effect_vs_distance,
+    plot_histogram,
+)
+from napari_pdcr.plotting.style import DOCK_STYLE, dock_style
 
-#: Small fonts: the dock is ~350 px wide.
-_STYLE = {"font.size": 7, "axes.titlesize": 8, "axes.labelsize": 7, "xtick.labelsize": 6.5, "ytick.labelsize": 6.5}
-#: Height / width of the figure.
+#: Height / width of the region-effects figure.
 ASPECT = 1.9
+#: Components shown in the bar chart, and its height per bar and for title and axis (pixels).
+TOP_COMPONENTS, BAR_PX, FRAME_PX = 20, 18, 110
+
+
+def render(draw, width_px: int, height_px: int, scale: float = 1.0) -> Figure:
+    """A figure of ``width_px`` x ``height_px`` logical pixels at ``scale`` (HiDPI), drawn by ``draw``."""
+    figure = Figure(figsize=(width_px / 100, height_px / 100), dpi=100 * scale, layout="constrained")
+    FigureCanvasAgg(figure)
+    with dock_style():
+        draw(figure)
+        figure.canvas.draw()
+    return figure
 
 
 def _label_bars(ax, fmt: str) -> None:
@@ -34,50 +50,56 @@ def _label_bars(ax, fmt: str) -> None:
             (bar.get_x() + bar.get_width() / 2, height),
             ha="center",
             va="bottom",
-            fontsize=6.5,
+            fontsize=DOCK_STYLE["xtick.labelsize"],
             xytext=(0, 1),
             textcoords="offset points",
         )
 
 
-def draw_explanation_plots(figure: Figure, explanation: RegionExplanation) -> None:
+def draw_explanation_plots(figure: Figure, explanation) -> None:
     """Draw the block fractions, the published effect histogram and effect vs distance on ``figure``."""
-    figure.clear()
-    with matplotlib.rc_context(_STYLE):
-        counts_ax, hist_ax, dist_ax = figure.subplots(3, 1, height_ratios=(0.8, 1, 1))
-        plot_block_counts(explanation, counts_ax)
-        _label_bars(counts_ax, "{:.1%}")
-        counts_ax.set_ylim(0, 1.2)
-        plot_histogram(explanation, hist_ax)
-        _label_bars(hist_ax, "{:.0f}")
-        hist_ax.margins(y=0.15)
-        plot_effect_vs_distance(explanation, dist_ax, unit="mm" if explanation.spacing else "voxels")
+    counts_ax, hist_ax, dist_ax = figure.subplots(3, 1, height_ratios=(0.8, 1, 1))
+    plot_block_counts(explanation, counts_ax)
+    _label_bars(counts_ax, "{:.1%}")
+    counts_ax.set_ylim(0, 1.2)
+    plot_histogram(explanation, hist_ax)
+    _label_bars(hist_ax, "{:.0f}")
+    hist_ax.margins(y=0.15)
+    plot_effect_vs_distance(explanation, dist_ax, unit="mm" if explanation.spacing else "voxels")
 
 
-def render_plots(explanation: RegionExplanation, width_px: int = 360, scale: float = 1.0) -> np.ndarray:
-    """The plots as an RGBA image ``(H, W, 4)`` uint8, ``width_px`` logical pixels wide at ``scale`` (HiDPI)."""
-    dpi = 100 * scale
-    figure = Figure(figsize=(width_px / 100, ASPECT * width_px / 100), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(figure)
-    draw_explanation_plots(figure, explanation)
-    figure.canvas.draw()
-    return np.asarray(figure.canvas.buffer_rgba()).copy()
+def render_plots(explanation, width_px: int = 360, scale: float = 1.0) -> Figure:
+    """The region-effects plots, ``width_px`` logical pixels wide."""
+    return render(partial(draw_explanation_plots, explanation=explanation), width_px, ASPECT * width_px, scale)
+
+
+def render_component_plot(result, width_px: int = 360, scale: float = 1.0) -> Figure:
+    """The sorted bar chart of a component-effects result, ``width_px`` logical pixels wide."""
+    title = f"{result.model_identity.get('name', 'model')}: base outcome {result.base_outcome:.1f}"
+    height = FRAME_PX + BAR_PX * min(len(result.components), TOP_COMPONENTS)
+
+    def draw(figure: Figure) -> None:
+        plot_components(result, figure.add_subplot(), top=TOP_COMPONENTS, title=title)
+
+    return render(draw, width_px, height, scale)
 
 
 class EffectPlots(QLabel):
-    """Shows an image from :func:`render_plots` at its natural size (rendered for the dock's width).
+    """Shows a figure from :func:`render` at its natural size (rendered for the dock's width).
 
     No rescaling on resize: a size that follows the width inside a scroll area can
-    oscillate with the scroll bar.
+    oscillate with the scroll bar. :attr:`figure` is the figure shown (e.g. to save it).
     """
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
+        self.figure: Figure | None = None
         self.image: np.ndarray | None = None
 
-    def show_image(self, rgba: np.ndarray, scale: float = 1.0) -> None:
-        self.image = np.ascontiguousarray(rgba)
+    def show_figure(self, figure: Figure, scale: float = 1.0) -> None:
+        self.figure = figure
+        self.image = np.asarray(figure.canvas.buffer_rgba()).copy()
         height, width = self.image.shape[:2]
         buffer = self.image.tobytes()  # must outlive the QImage, which does not copy it
         pixmap = QPixmap.fromImage(QImage(buffer, width, height, 4 * width, QImage.Format.Format_RGBA8888))
@@ -86,5 +108,6 @@ class EffectPlots(QLabel):
         self.setFixedSize(int(width / scale), int(height / scale))
 
     def clear(self) -> None:
+        self.figure = None
         self.image = None
         super().clear()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from napari.qt.threading import create_worker
+from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_info
 
 
@@ -12,8 +12,8 @@ class BackgroundRun:
     The widget provides ``run_button``, ``cancel_button``, ``progress`` (a QProgressBar
     with range 0-1000), ``worker`` (None when idle), ``settings_panel()`` (the widget
     disabled while running) and the ``_on_returned(result)`` / ``_on_errored(error)``
-    slots. A second run while one is going is refused, not raced; Cancel stops the
-    worker at its next yield (within one batch) and nothing is returned.
+    slots. A second run (or task) while one is going is refused, not raced; Cancel
+    stops the worker at its next yield (within one batch) and nothing is returned.
     """
 
     def refuse_if_running(self) -> bool:
@@ -23,16 +23,23 @@ class BackgroundRun:
             return True
         return False
 
-    def start_worker(self, function, *args, loading_text: str) -> None:
-        """Run ``function(*args)`` (a generator of ``Progress``) in a worker."""
+    def start_worker(self, function, *args, loading_text: str, on_returned=None) -> None:
+        """Run ``function(*args)`` in a worker; its result goes to ``on_returned`` (default ``_on_returned``).
+
+        A generator of ``Progress`` shows its progress and can be cancelled; a plain
+        function (a short task such as loading a model to list its parts) cannot.
+        """
         worker = create_worker(function, *args, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
+        cancellable = isinstance(worker, GeneratorWorker)
+        if cancellable:
+            worker.yielded.connect(self._on_progress)
+            worker.aborted.connect(self._on_aborted)
+        worker.returned.connect(on_returned or self._on_returned)
         worker.errored.connect(self._on_errored)
-        worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._set_running(True)
+        self.cancel_button.setEnabled(cancellable)
         self.progress.setValue(0)
         self.progress.setFormat(loading_text)
         worker.start()

@@ -13,7 +13,9 @@ def write_explanation(path: str, data, meta: dict) -> list[str]:
     """Write the explanation kept in a result layer's metadata to ``path`` (``.zarr`` added if missing).
 
     Only layers made by napari-pdcr (ATE, standard error, prediction, target) carry one;
-    any other layer raises ``ValueError``.
+    any other layer raises ``ValueError``. A previous napari-pdcr result store at the path is
+    replaced (napari's save dialog has asked); anything else there is left untouched and
+    raises ``FileExistsError``.
     """
     entry = (meta.get("metadata") or {}).get(METADATA_KEY) or {}
     explanation = entry.get("explanation")

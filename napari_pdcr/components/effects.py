@@ -43,9 +43,10 @@ from napari_pdcr.engine.estimator import (
 )
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.models.devices import resolve_device
-from napari_pdcr.outcomes import Outcome
+from napari_pdcr.outcomes import Outcome, outcome_for
 from napari_pdcr.region_effects import default_batch_size, run_provenance
-from napari_pdcr.regions import validate_region
+from napari_pdcr.regions import validate_reference, validate_region
+from napari_pdcr.validation import optional_positive_int, positive_float, shown
 
 
 class ComponentEffects:
@@ -62,7 +63,8 @@ class ComponentEffects:
         on a bank image, drawn with replacement), ``"zero"``, ``"mean"`` (mean over the
         bank) or ``"noise"``, or an :class:`~napari_pdcr.components.ActivationIntervention`.
     outcome
-        An :class:`~napari_pdcr.outcomes.Outcome` or its kind (``"dice"`` default).
+        An :class:`~napari_pdcr.outcomes.Outcome` or its kind (``"dice"`` default); the
+        channel of the model's description is used where it gives none.
     granularity, layer
         Which components (see :func:`~napari_pdcr.components.enumerate_components`):
         ``"stages"``, ``"blocks"``, ``"skips"`` or ``"channels"`` of ``layer``.
@@ -100,20 +102,19 @@ class ComponentEffects:
                 "window-wise (sliding_window): each component would run once per window"
             )
         if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {shown(granularity)}")
+        self.settings = EstimatorSettings(n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=seed)
         self.model = model
         self.intervention = (
             make_activation_intervention(intervention) if isinstance(intervention, str) else intervention
         )
-        self.outcome = Outcome(outcome) if isinstance(outcome, str) else outcome
+        self.outcome = outcome_for(outcome, model)
         self.granularity, self.layer = granularity, layer
         self.chosen = list(components) if components is not None else None
-        self.seed = int(seed)
+        self.seed = self.settings.seed
         self.device = resolve_device(device)
-        self.batch_size, self.memory_budget_mb = batch_size, memory_budget_mb
-        self.settings = EstimatorSettings(n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=self.seed)
+        self.batch_size = optional_positive_int("batch_size", batch_size)
+        self.memory_budget_mb = positive_float("memory_budget_mb", memory_budget_mb)
 
     def parameters(self) -> dict:
         """Every parameter of the method, JSON-serialisable (for provenance)."""
@@ -174,18 +175,23 @@ class ComponentEffects:
             like the image. Their activations are kept in memory.
         """
         t_start = time.perf_counter()
-        model = self.model.to(self.device)
-        x = model.prepare_image(image).to(self.device)
+        # every input is checked here, before the model moves or runs
+        x = self.model.prepare_image(image)
         spatial = tuple(x.shape[1:])
         region = validate_region(target_region, spatial, "target region")
-        ref = None if reference is None else validate_region(reference, spatial, "reference mask", allow_empty=True)
+        ref = None if reference is None else validate_reference(reference, spatial)
         bank = None
         if bank_images is not None and len(bank_images):
-            bank = torch.stack([model.prepare_image(b) for b in bank_images]).to(self.device)
-            if tuple(bank.shape[1:]) != tuple(x.shape):
+            prepared = [self.model.prepare_image(b, f"bank image {i}") for i, b in enumerate(bank_images)]
+            shapes = {tuple(b.shape) for b in prepared}
+            if shapes != {tuple(x.shape)}:
                 raise ValueError(
-                    f"bank images must have the image's shape {tuple(x.shape)}; got {tuple(bank.shape[1:])}"
+                    f"bank images must have the image's shape {tuple(x.shape)}; "
+                    f"got {', '.join(map(str, sorted(shapes)))}"
                 )
+            bank = torch.stack(prepared).to(self.device)
+        model = self.model.to(self.device)
+        x = x.to(self.device)
         components = self.components(image)
         nodes = ComponentNodes(model, x, components, region, self.outcome, self.intervention, ref, bank)
         timings = {"prepare_s": time.perf_counter() - t_start}

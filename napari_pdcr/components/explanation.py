@@ -10,10 +10,9 @@ import numpy as np
 
 from napari_pdcr.components.enumerate import Component
 from napari_pdcr.engine.estimator import NodeStatus
+from napari_pdcr.plotting.components import plot_components
 
 _ARRAYS = ("ate", "standard_error", "raw_mean", "n_draws", "status")
-#: colours of the region maps: negative (the component supported the outcome) red, positive blue
-NEGATIVE_COLOR, POSITIVE_COLOR, ZERO_COLOR = "#c0392b", "#2166ac", "#9e9e9e"
 
 
 @dataclass
@@ -124,35 +123,8 @@ class ComponentExplanation:
 
     # ---------------------------------------------------------------- plot
     def plot(self, ax=None, top: int | None = 20, title: str | None = None):
-        """Sorted horizontal bar chart of the ATEs with 95% error bars (+-1.96 SE).
+        """Sorted bar chart of the ATEs with 95% error bars; returns the ``Axes``.
 
-        The largest ``|ATE|`` is at the top; only the ``top`` largest are drawn (None:
-        all). Zero effects (screened out or below tau) are grey outlines at their raw
-        mean. Returns the matplotlib ``Axes``.
+        See :func:`napari_pdcr.plotting.plot_components`.
         """
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            ax = plt.figure(figsize=(6, 0.3 * min(len(self.components), top or 10**6) + 1.2)).add_subplot()
-        order = self.order()[:top] if top else self.order()
-        y = np.arange(len(order))[::-1]
-        zero = self.status[order] != NodeStatus.ESTIMATED
-        shown = np.where(zero, np.nan_to_num(self.raw_mean[order]), self.ate[order])
-        colors = [ZERO_COLOR if z else (NEGATIVE_COLOR if v < 0 else POSITIVE_COLOR) for z, v in zip(zero, shown, strict=True)]
-        ax.barh(y, shown, color=[c if not z else "none" for c, z in zip(colors, zero, strict=True)],
-                edgecolor=colors, height=0.7)
-        ax.errorbar(shown, y, xerr=1.96 * self.standard_error[order], fmt="none", ecolor="#333333",
-                    elinewidth=1, capsize=2)
-        ax.axvline(0, color="#333333", linewidth=0.8)
-        ax.set_yticks(y, [self.components[i].name for i in order], fontsize=8)
-        ax.set_ylim(-0.6, len(order) - 0.4)
-        unit = "Dice points" if self.parameters.get("outcome", {}).get("kind", "dice") in ("dice", "soft_dice") else "outcome units"
-        intervention = self.parameters.get("intervention", {}).get("name", "")
-        ax.set_xlabel(f"ATE ({unit}), {intervention}\nerror bars: 95% CI (±1.96 SE)")
-        low, high = ax.get_xlim()
-        pad = 0.08 * (high - low)
-        ax.set_xlim(min(low, -pad), max(high, pad))
-        if title is not None:
-            ax.set_title(title, fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-        return ax
+        return plot_components(self, ax, top=top, title=title)

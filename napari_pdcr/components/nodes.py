@@ -18,6 +18,7 @@ import torch
 from napari_pdcr.components.enumerate import Component, network_of
 from napari_pdcr.components.interventions import ActivationIntervention
 from napari_pdcr.engine.estimator import NodeSet
+from napari_pdcr.engine.scoring import RegionScoring
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
 
@@ -70,7 +71,7 @@ class ComponentNodes(NodeSet):
         if missing:
             raise KeyError(f"the network has no module(s) {', '.join(missing)}")
         self._modules = {c.path: modules[c.path] for c in self.components}
-        self.region_index = torch.from_numpy(np.flatnonzero(target_region))
+        self.scoring = RegionScoring(model, np.flatnonzero(target_region), outcome)
 
         self.activations = [a[0] for a in self._record(image[None])]
         self.bank_activations = None
@@ -82,11 +83,8 @@ class ComponentNodes(NodeSet):
         largest = max(a.numel() * a.element_size() for a in self.activations)
         self.item_bytes = image.numel() * image.element_size() + largest
 
-        base_scores = self.region_scores(image[None])
-        self.channel = outcome.resolve_channel(base_scores.shape[1], model.activation)
-        predicted = outcome.predicted_mask(base_scores, model.activation, self.channel)[0].cpu()
-        self.reference = predicted if reference is None else torch.from_numpy(reference.ravel()[self.region_index.numpy()])
-        self._base = float(self._outcome(base_scores)[0])
+        base_scores = self.scoring.region_scores(image[None])
+        self.scoring.set_base(base_scores, self.scoring.region_reference(reference))
 
     # ------------------------------------------------------------------ NodeSet
     @property
@@ -94,7 +92,7 @@ class ComponentNodes(NodeSet):
         return len(self.components)
 
     def base_outcome(self) -> float:
-        return self._base
+        return self.scoring.base
 
     def sample(self, node: int, n_draws: int, rng: np.random.Generator) -> torch.Tensor:
         bank = None if self.bank_activations is None else self.bank_activations[node]
@@ -110,22 +108,10 @@ class ComponentNodes(NodeSet):
             plan.setdefault(component.path, []).append((torch.from_numpy(rows).to(self.image.device), component, reps))
         batch = self.image.expand(len(nodes), *self.image.shape)
         with self._intervening(plan):
-            scores = self.region_scores(batch)
-        return self._outcome(scores)
+            scores = self.scoring.region_scores(batch)
+        return self.scoring(scores)
 
     # ------------------------------------------------------------------ forward passes
-    def region_scores(self, batch: torch.Tensor) -> torch.Tensor:
-        """Model scores in the target region, ``(N, K, M)``."""
-        with torch.inference_mode():
-            scores = self.model(batch)
-            if not torch.isfinite(scores).all():
-                raise FloatingPointError(f"model {self.model.name!r} returned NaN or infinite scores")
-            flat = scores.flatten(2)
-            return flat[:, :, self.region_index.to(flat.device)].float()
-
-    def _outcome(self, scores: torch.Tensor) -> torch.Tensor:
-        return self.outcome(scores, self.reference, self.model.activation, self.channel)
-
     def _record(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Each component's activation ``(N, *A)`` on ``batch``; checks each module runs once."""
         seen: dict[str, list] = {path: [] for path in self._modules}

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from napari_pdcr.engine.estimator import NodeSet, halved_batch_size
+from napari_pdcr.engine.scoring import RegionScoring
 from napari_pdcr.interventions.base import Intervention
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
 from napari_pdcr.regions import BlockGrid
-
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def precision_context(device: torch.device, precision: str):
-    """Autocast context for reduced precision on CUDA; float32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if PRECISIONS[precision] is None or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=PRECISIONS[precision])
 
 
 class InputBlocks(NodeSet):
@@ -61,7 +50,7 @@ class InputBlocks(NodeSet):
         precision: str = "float32",
     ):
         self.model, self.image, self.grid = model, image, grid
-        self.outcome, self.intervention, self.precision = outcome, intervention, precision
+        self.outcome, self.intervention = outcome, intervention
         self.deterministic = intervention.deterministic
         self.window = window or tuple(slice(0, n) for n in grid.spatial_shape)
         self.offset = np.array([w.start for w in self.window])
@@ -69,40 +58,35 @@ class InputBlocks(NodeSet):
         region_in_window = target_region[self.window]
         if region_in_window.sum() != target_region.sum():
             raise ValueError("the model window must contain the whole target region")
-        self.region_index = torch.from_numpy(np.flatnonzero(region_in_window))
+        self.scoring = RegionScoring(model, np.flatnonzero(region_in_window), outcome, precision)
         self.item_bytes = self.crop.numel() * self.crop.element_size()
         intervention.prepare(image)
+        self.scoring.set_base(self._unperturbed_region_scores(target_region), self.scoring.region_reference(reference, self.window))
 
+    @property
+    def region_index(self) -> torch.Tensor:
+        """Flat indices ``(M,)`` of the target region's voxels in the window."""
+        return self.scoring.region_index
+
+    def _unperturbed_region_scores(self, target_region: np.ndarray) -> torch.Tensor:
+        """Region scores ``(1, K, M)`` of the unperturbed window."""
         try:
-            base_scores = self.region_scores(self.crop[None])
+            return self.scoring.region_scores(self.crop[None])
         except Exception as error:  # noqa: BLE001 - re-raised, out-of-memory as a clear MemoryError
             halved_batch_size(error, batch_size=1)  # always raises at batch size 1
             raise
-        self.n_channels = base_scores.shape[1]
-        self.channel = outcome.resolve_channel(self.n_channels, model.activation)
-        predicted = outcome.predicted_mask(base_scores, model.activation, self.channel)[0].cpu()
-        self.reference = predicted if reference is None else torch.from_numpy(reference[self.window].ravel()[self.region_index.numpy()])
-        self.predicted_in_region = predicted
-        self._base = float(self._outcome(base_scores)[0])
 
     @property
     def n_nodes(self) -> int:
         return self.grid.n_blocks
 
     def base_outcome(self) -> float:
-        return self._base
+        return self.scoring.base
 
-    def region_scores(self, batch: torch.Tensor) -> torch.Tensor:
-        """Model scores in the target region, ``(N, K, M)``, for a batch of crops ``(N, C, *S')``."""
-        with torch.inference_mode(), precision_context(self.model.device, self.precision):
-            scores = self.model(batch)
-            if not torch.isfinite(scores).all():
-                raise FloatingPointError(f"model {self.model.name!r} returned NaN or infinite scores")
-            flat = scores.flatten(2)
-            return flat[:, :, self.region_index.to(flat.device)].float()
-
-    def _outcome(self, scores: torch.Tensor) -> torch.Tensor:
-        return self.outcome(scores, self.reference, self.model.activation, self.channel)
+    @property
+    def channel(self) -> int:
+        """The explained output channel."""
+        return self.scoring.channel
 
     def sample(self, node: int, n_draws: int, rng: np.random.Generator) -> torch.Tensor:
         where = self.grid.slices(node)
@@ -124,7 +108,7 @@ class InputBlocks(NodeSet):
         for i, (group, reps) in enumerate(zip(node_groups, replacement_groups, strict=True)):
             for node, rep in zip(group, reps, strict=True):
                 batch[(i, slice(None), *self.local_slices(node))] = rep
-        return self._outcome(self.region_scores(batch))
+        return self.scoring(self.scoring.region_scores(batch))
 
 
 class BlockGroups(NodeSet):

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 import torch
+
+from napari_pdcr.validation import finite_float, non_negative_int, positive_int
 
 
 class NodeStatus(IntEnum):
@@ -79,10 +81,13 @@ class EstimatorSettings:
     se_target: float = 0.1
 
     def __post_init__(self):
-        if self.n_screen < 0 or self.n_estimate < 1:
-            raise ValueError("n_screen must be >= 0 and n_estimate >= 1")
-        if self.tau < 0:
-            raise ValueError("tau must be >= 0")
+        self.n_screen = non_negative_int("n_screen", self.n_screen)
+        self.n_estimate = positive_int("n_estimate", self.n_estimate)
+        self.tau = finite_float("tau", self.tau, minimum=0)
+        self.seed = non_negative_int("seed", self.seed)
+        self.min_draws = positive_int("min_draws", self.min_draws)
+        self.round_size = positive_int("round_size", self.round_size)
+        self.se_target = finite_float("se_target", self.se_target, minimum=0)
 
 
 class NodeSet(ABC):
@@ -333,6 +338,22 @@ def drive(generator: Generator, callback=None):
                 raise Cancelled("the run was cancelled; no result was produced")
     finally:
         generator.close()  # also when the callback raises: release the run's resources now
+
+
+def relay(generator: Generator, transform: Callable):
+    """``yield from generator`` with every yielded item passed through ``transform``.
+
+    Returns the generator's result; closing the relay closes the generator (cancel).
+    """
+    try:
+        while True:
+            try:
+                item = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            yield transform(item)
+    finally:
+        generator.close()
 
 
 class Cancelled(Exception):

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_pdcr.engine.blocks import InputBlocks, precision_context
+from napari_pdcr.engine.blocks import InputBlocks
 from napari_pdcr.engine.estimator import is_out_of_memory
+from napari_pdcr.engine.scoring import check_finite
 from napari_pdcr.interventions.base import Intervention
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
@@ -58,44 +59,32 @@ class WindowedInputBlocks(InputBlocks):
     ):
         if model.sliding_window is None:
             raise ValueError(f"model {model.name!r} has no sliding_window: use InputBlocks")
-        # InputBlocks.__init__ would run the model on the whole image; what it sets up is
-        # set here from the windows over the region. The "window" is the whole image, so
-        # the inherited helpers (region_scores of whole images, local_slices) stay valid.
-        self.model, self.image, self.grid = model, image, grid
-        self.outcome, self.intervention, self.precision = outcome, intervention, precision
-        self.deterministic = intervention.deterministic
-        self.window = tuple(slice(0, n) for n in grid.spatial_shape)
-        self.offset = np.zeros(len(grid.spatial_shape), dtype=np.int64)
-        self.crop = image
-        intervention.prepare(image)
+        # The "window" of InputBlocks is the whole image, so the inherited helpers
+        # (local_slices, region_reference) stay valid; the unperturbed pass runs only the
+        # windows over the region (_unperturbed_region_scores).
+        self.window_evaluations = 0
+        self.window_batch_size: int | None = None  # no limit until an out-of-memory error
+        self.log: list[str] = []
+        super().__init__(model, image, grid, target_region, outcome, intervention, reference, None, precision)
+        most = max(len(w) for w in self._block_windows)
+        self.item_bytes = max(1, most) * image.shape[0] * int(np.prod(self.layout.roi_size)) * image.element_size()
 
-        self.layout = layout = model.sliding_window.layout(grid.spatial_shape)
+    def _unperturbed_region_scores(self, target_region: np.ndarray) -> torch.Tensor:
+        """Index the windows over the region, run them once (cached per window), blend."""
+        self.layout = layout = self.model.sliding_window.layout(self.grid.spatial_shape)
         # zero padding up to the window size where the image is smaller, as MONAI pads
         # (F.pad takes (last axis low, high, ..., first axis low, high))
         pad = []
         for low, roi, size in reversed(list(zip(layout.pad_low, layout.roi_size, layout.image_shape, strict=True))):
             pad += [low, max(roi - size, 0) - low]
-        self.padded = F.pad(image, pad) if any(pad) else image
-        self.region_index = torch.from_numpy(np.flatnonzero(target_region))
+        self.padded = F.pad(self.image, pad) if any(pad) else self.image
         self._index_region_windows(target_region)
         self._block_windows = self._region_windows_per_block()
-        most = max(len(w) for w in self._block_windows)
-        self.item_bytes = max(1, most) * image.shape[0] * int(np.prod(layout.roi_size)) * image.element_size()
-        self.window_evaluations = 0
-        self.window_batch_size: int | None = None  # no limit until an out-of-memory error
-        self.log: list[str] = []
-
-        # The unperturbed pass over the region's windows, cached per window.
         crops = [self.padded[(slice(None), *layout.slices(w))] for w in self.region_windows]
-        self._base_window_scores = self._run_windows(crops, list(range(len(crops))), model.sliding_window.batch_size)
+        self._base_window_scores = self._run_windows(crops, list(range(len(crops))), self.model.sliding_window.batch_size)
         #: unperturbed sliding-window scores in the region, (1, K, M)
-        self.base_region_scores = base_scores = self._blend([{}])
-        self.n_channels = base_scores.shape[1]
-        self.channel = outcome.resolve_channel(self.n_channels, model.activation)
-        predicted = outcome.predicted_mask(base_scores, model.activation, self.channel)[0].cpu()
-        self.reference = predicted if reference is None else torch.from_numpy(reference.ravel()[self.region_index.numpy()])
-        self.predicted_in_region = predicted
-        self._base = float(self._outcome(base_scores)[0])
+        self.base_region_scores = self._blend([{}])
+        return self.base_region_scores
 
     def _index_region_windows(self, target_region: np.ndarray) -> None:
         """Find the windows over the region and, for each, its region voxels: their flat
@@ -182,17 +171,15 @@ class WindowedInputBlocks(InputBlocks):
 
     def _window_region_scores(self, crops: torch.Tensor, region_windows: Sequence[int]) -> list[torch.Tensor]:
         """Scores ``(K, m_w)`` float32 at the region voxels of each window, for crops ``(n, C, *roi)``."""
-        with torch.inference_mode(), precision_context(self.model.device, self.precision):
+        with torch.inference_mode(), self.scoring.autocast():
             scores = self.model.forward_network(crops.to(self.model.device))
         if tuple(scores.shape[2:]) != self.layout.roi_size:
             raise ValueError(
                 f"model {self.model.name!r} returns outputs of spatial size {tuple(scores.shape[2:])} "
                 f"for windows of {self.layout.roi_size}: sliding windows need outputs of the input's size"
             )
-        if not torch.isfinite(scores).all():
-            raise FloatingPointError(f"model {self.model.name!r} returned NaN or infinite scores")
         self.window_evaluations += len(crops)
-        flat = scores.flatten(2).float()
+        flat = check_finite(self.model, scores).flatten(2).float()
         return [flat[i][:, self._local_index[k]] for i, k in enumerate(region_windows)]
 
     def _blend(self, changed: list[dict[int, torch.Tensor]]) -> torch.Tensor:
@@ -216,7 +203,7 @@ class WindowedInputBlocks(InputBlocks):
         self, node_groups: Sequence[Sequence[int]], replacement_groups: Sequence[Sequence[torch.Tensor]]
     ) -> torch.Tensor:
         """Outcomes ``(B,)``: item ``i`` has every block of ``node_groups[i]`` replaced at once."""
-        return self._outcome(self.intervened_region_scores(node_groups, replacement_groups))
+        return self.scoring(self.intervened_region_scores(node_groups, replacement_groups))
 
     def intervened_region_scores(
         self, node_groups: Sequence[Sequence[int]], replacement_groups: Sequence[Sequence[torch.Tensor]]

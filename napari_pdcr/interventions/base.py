@@ -19,6 +19,12 @@ class Intervention(ABC):
     name: str = "intervention"
     deterministic: bool = False
 
+    def check(self, image: torch.Tensor, block_shape: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` if blocks of ``block_shape`` of ``image`` ``(C, *S)`` cannot be replaced.
+
+        Called before any forward pass, so that a misfit fails at once, not minutes in.
+        """
+
     def prepare(self, image: torch.Tensor) -> None:  # noqa: B027 - optional hook, empty by default
         """Called once with the image ``(C, *S)`` (model input space) before sampling."""
 

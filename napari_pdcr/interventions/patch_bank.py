@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from napari_pdcr.interventions.base import Intervention
+from napari_pdcr.validation import non_negative_int, positive_int
 
 
 class PatchBank(Intervention):
@@ -34,36 +35,68 @@ class PatchBank(Intervention):
     name, deterministic = "patch_bank", False
 
     def __init__(self, sources: Sequence[np.ndarray] | np.ndarray, size: int = 10_000, seed: int = 0):
+        self.size = positive_int("patch bank size", size)
+        self.seed = non_negative_int("patch bank seed", seed)
+        if isinstance(sources, np.ndarray) and sources.ndim < 3:
+            raise ValueError(
+                f"the patch-bank sources are one array of shape {sources.shape}: pass a list of (C, H, W) "
+                "or (C, D, H, W) arrays (e.g. [source[None]]) or a stack (N, C, *S)"
+            )
         self.sources = [torch.as_tensor(np.asarray(s, dtype=np.float32)) for s in sources]
         if not self.sources:
             raise ValueError("a patch bank needs at least one source image")
+        for i, source in enumerate(self.sources):
+            shape = tuple(source.shape)
+            if source.ndim == 2:
+                fix = "sources[:, None] for a stack of slices" if isinstance(sources, np.ndarray) else "source[None]"
+                raise ValueError(
+                    f"patch-bank source {i} has shape {shape} but a 2D model needs (C, H, W) arrays: "
+                    f"add a channel axis ({fix})"
+                )
+            if source.ndim not in (3, 4):
+                raise ValueError(
+                    f"patch-bank source {i} has shape {shape}: sources are (C, H, W) or (C, D, H, W) arrays"
+                )
         ndims = {s.ndim for s in self.sources}
         channels = {s.shape[0] for s in self.sources}
         if len(ndims) != 1 or len(channels) != 1:
             raise ValueError("all patch-bank sources must be (C, *S) arrays with the same C and dimensionality")
         if any(not torch.isfinite(s).all() for s in self.sources):
             raise ValueError("a patch-bank source contains NaN or infinite values")
-        self.size, self.seed = int(size), int(seed)
         self._banks: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def spatial_dims(self) -> int:
         return self.sources[0].ndim - 1
 
+    def check(self, image, block_shape):
+        self.prepare(image)
+        self._fitting(tuple(int(b) for b in block_shape))
+
     def prepare(self, image):
         if image.ndim != self.sources[0].ndim or image.shape[0] != self.sources[0].shape[0]:
             raise ValueError(
-                f"patch-bank sources are shaped (C={self.sources[0].shape[0]}, {self.spatial_dims}D) "
-                f"but the image is {tuple(image.shape)}: build the bank in the model's input space"
+                f"patch-bank sources are {self.spatial_dims}D with C={self.sources[0].shape[0]} "
+                f"(source 0 has shape {tuple(self.sources[0].shape)}) but the image is {image.ndim - 1}D with "
+                f"C={image.shape[0]} (shape {tuple(image.shape)}): build the bank in the model's input space"
             )
+
+    def _fitting(self, block_shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """The sources at least as large as ``block_shape``; ``ValueError`` when there is none."""
+        fits = [s for s in self.sources if all(n >= b for n, b in zip(s.shape[1:], block_shape, strict=True))]
+        if not fits:
+            largest = max((tuple(s.shape[1:]) for s in self.sources), key=lambda shape: np.prod(shape))
+            raise ValueError(
+                f"no patch-bank source is large enough for blocks of shape {block_shape} (the largest is "
+                f"{largest}): choose smaller blocks or larger images"
+            )
+        return fits
 
     def bank(self, block_shape: tuple[int, ...]) -> torch.Tensor:
         """The crops for ``block_shape``: ``(size, C, *block_shape)``, extracted on first use."""
         block_shape = tuple(int(b) for b in block_shape)
         if block_shape not in self._banks:
-            fits = [s for s in self.sources if all(n >= b for n, b in zip(s.shape[1:], block_shape, strict=True))]
-            if not fits:
-                raise ValueError(f"no patch-bank source is large enough for blocks of shape {block_shape}")
+            fits = self._fitting(block_shape)
             rng = np.random.default_rng([self.seed, *block_shape])
             which = rng.integers(len(fits), size=self.size)
             crops = torch.empty((self.size, fits[0].shape[0], *block_shape), dtype=torch.float32)

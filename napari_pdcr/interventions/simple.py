@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from napari_pdcr.interventions.base import Intervention
+from napari_pdcr.validation import finite_float, positive_float
 
 
 class Zero(Intervention):
@@ -23,7 +24,7 @@ class Constant(Intervention):
     name, deterministic = "constant", True
 
     def __init__(self, value: float = 0.0):
-        self.value = float(value)
+        self.value = finite_float("constant value", value)
 
     def sample(self, original, n_draws, rng, location):
         return torch.full((n_draws, *original.shape), self.value, dtype=original.dtype)
@@ -55,7 +56,7 @@ class Blur(Intervention):
     name, deterministic = "blur", True
 
     def __init__(self, sigma: float = 4.0):
-        self.sigma = float(sigma)
+        self.sigma = positive_float("blur sigma", sigma)
 
     def prepare(self, image):
         # MONAI's separable Gaussian filter, rather than a hand-written convolution.
@@ -84,7 +85,8 @@ class Noise(Intervention):
     name, deterministic = "noise", False
 
     def __init__(self, mean: float | None = None, std: float | None = None):
-        self.mean, self.std = mean, std
+        self.mean = None if mean is None else finite_float("noise mean", mean)
+        self.std = None if std is None else finite_float("noise std", std, minimum=0)
 
     def prepare(self, image):
         flat = image.reshape(image.shape[0], -1).double().cpu()  # draws are made with numpy

@@ -1,5 +1,5 @@
 """Saving and loading results."""
 
-from napari_pdcr.io.results import load_explanation, save_explanation
+from napari_pdcr.io.results import DamagedStoreError, load_explanation, save_explanation
 
-__all__ = ["load_explanation", "save_explanation"]
+__all__ = ["DamagedStoreError", "load_explanation", "save_explanation"]

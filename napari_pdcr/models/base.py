@@ -17,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_pdcr.models.devices import resolve_device
 from napari_pdcr.models.sliding_window import SlidingWindow
+from napari_pdcr.validation import value_range
 
 if TYPE_CHECKING:
     from napari_pdcr.models.description import ModelDescription
@@ -83,6 +85,10 @@ class SegmentationModel:
     description
         The :class:`~napari_pdcr.models.description.ModelDescription` the model was
         loaded with (what was given and what was inferred; channel, temperature), if any.
+    input_range
+        ``(low, high)`` of the values the network takes (after preprocessing), e.g.
+        ``(0, 1)``; by default the description's. :meth:`prepare_image` rejects images
+        far outside it (beyond half its width), such as 0..255 for ``(0, 1)``.
     """
 
     network: Callable[[torch.Tensor], torch.Tensor]
@@ -97,6 +103,7 @@ class SegmentationModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sliding_window: SlidingWindow | None = None
     description: ModelDescription | None = None
+    input_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.spatial_dims not in (2, 3):
@@ -108,6 +115,10 @@ class SegmentationModel:
             if self.sha256 is None:
                 self.sha256 = hash_module(self.network)
         self.device = torch.device(self.device)
+        if self.input_range is None and self.description is not None:
+            self.input_range = getattr(self.description, "input_range", None)
+        if self.input_range is not None:
+            self.input_range = value_range("input_range", self.input_range)
 
     # ------------------------------------------------------------------ identity
     @property
@@ -133,38 +144,56 @@ class SegmentationModel:
 
     # ------------------------------------------------------------------ devices
     def to(self, device) -> SegmentationModel:
-        """Move the network to ``device`` (in place) and return self."""
-        device = torch.device(device)
+        """Move the network to ``device`` (in place) and return self.
+
+        ``device`` as for :func:`~napari_pdcr.models.devices.resolve_device` (``"auto"``
+        too); an unavailable one raises ``RuntimeError`` saying why.
+        """
+        device = resolve_device(device)
         if hasattr(self.network, "to"):
             self.network.to(device)
         self.device = device
         return self
 
     # ------------------------------------------------------------------ inputs
-    def check_image(self, image) -> None:
-        """Raise ``ValueError`` unless ``image`` is ``(C, *S)`` with this model's C and dims."""
-        shape = tuple(image.shape)
-        if len(shape) != self.spatial_dims + 1:
-            raise ValueError(
-                f"model {self.name!r} expects a {self.spatial_dims}D image shaped "
-                f"(C, {', '.join('DHW'[-self.spatial_dims:])}) with C={self.in_channels}; "
-                f"got an array of shape {shape}"
-            )
-        if shape[0] != self.in_channels:
-            raise ValueError(
-                f"model {self.name!r} expects {self.in_channels} input channel(s); "
-                f"the image has {shape[0]} (shape {shape})"
-            )
+    def check_image(self, image, what: str = "the image") -> None:
+        """Raise ``ValueError`` unless ``image`` is ``(C, *S)`` with this model's C and dims.
 
-    def prepare_image(self, image) -> torch.Tensor:
+        The message says what the array looks like: an image of another dimensionality,
+        one without a channel axis, or one with other channels.
+        """
+        shape, dims, channels = tuple(image.shape), self.spatial_dims, self.in_channels
+        if len(shape) == dims + 1 and shape[0] == channels:
+            if 0 in shape:
+                raise ValueError(f"{what} has shape {shape}: it holds no voxels")
+            return
+        # a leading axis longer than any channel count is a spatial axis
+        has_channels = len(shape) > 2 and shape[0] <= max(4, channels)
+        image_dims = len(shape) - has_channels
+        expected = (
+            f"model {self.name!r} expects a {dims}D image shaped (C, {', '.join('DHW'[-dims:])}) with C={channels}"
+        )
+        if image_dims != dims:
+            other = f", or choose a {image_dims}D model" if image_dims in (2, 3) else ""
+            raise ValueError(f"{expected}, but {what} is {image_dims}D (shape {shape}): give a {dims}D image{other}")
+        if not has_channels:
+            fix = "add one (image[None])" if channels == 1 else f"give its {channels} channels first"
+            raise ValueError(f"{expected}, but {what} has no channel axis (shape {shape}): {fix}")
+        raise ValueError(
+            f"model {self.name!r} expects {channels} input channel(s); {what} has {shape[0]} (shape {shape}): "
+            f"give it {channels} channel(s) first"
+        )
+
+    def prepare_image(self, image, what: str = "the image") -> torch.Tensor:
         """Validate a raw ``(C, *S)`` image and return it float32 in model input space.
 
-        Raises ``ValueError`` for a wrong shape or non-finite values.
+        Raises ``ValueError`` for a wrong shape, non-finite values, or values far outside
+        :attr:`input_range` after preprocessing. ``what`` names the image in messages.
         """
         array = np.asarray(image, dtype=np.float32)
-        self.check_image(array)
+        self.check_image(array, what)
         if not np.isfinite(array).all():
-            raise ValueError("the image contains NaN or infinite values; clean it before explaining")
+            raise ValueError(f"{what} contains NaN or infinite values; clean it before explaining")
         if callable(self.preprocess):
             array = np.asarray(self.preprocess(array), dtype=np.float32)
         elif self.preprocess == "minmax":
@@ -175,7 +204,30 @@ class SegmentationModel:
             array = (array - float(array.mean())) / (std if std > 0 else 1.0)
         elif self.preprocess != "none":
             raise ValueError(f"unknown preprocess {self.preprocess!r}")
+        if self.input_range is not None:
+            self._check_input_range(array, what)
         return torch.from_numpy(np.ascontiguousarray(array))
+
+    def _check_input_range(self, array: np.ndarray, what: str) -> None:
+        """Raise ``ValueError`` when ``array`` leaves :attr:`input_range` by more than half its width."""
+        low, high = self.input_range
+        slack = 0.5 * (high - low)
+        vmin, vmax = float(array.min()), float(array.max())
+        if low - slack <= vmin and vmax <= high + slack:
+            return
+        if self.preprocess != "none":
+            after = " after the model's preprocessing"
+            fix = "check the model's preprocess and input_range"
+        else:
+            after = ""
+            fix = f"rescale it into [{low:g}, {high:g}]"
+            if (low, high) == (0, 1) and vmin >= 0:
+                eight_bit = vmax <= 255 and np.array_equal(array, np.round(array))
+                fix = f"scale it (image / {255 if eight_bit else f'{vmax:g}'})"
+        raise ValueError(
+            f"{what}'s values run from {vmin:g} to {vmax:g}{after} but model {self.name!r} takes inputs in "
+            f"[{low:g}, {high:g}]: {fix}"
+        )
 
     # ------------------------------------------------------------------ forward
     def _divisors(self) -> tuple[int, ...]:

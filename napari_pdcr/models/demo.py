@@ -157,6 +157,7 @@ def load_demo_model(name: str, device="cpu") -> SegmentationModel:
         activation="sigmoid",
         divisible_by=spec.divisible_by,
         preprocess="none",
+        input_range=(0.0, 1.0),
         name=name,
         source=f"demo:{name}",
     )

@@ -29,6 +29,7 @@ import torch
 
 from napari_pdcr.models.sliding_window import SlidingWindow
 from napari_pdcr.outcomes import Outcome
+from napari_pdcr.validation import value_range
 
 PREPROCESS_NAMES = ("none", "minmax", "zscore", "bundle")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
@@ -59,6 +60,9 @@ class ModelDescription:
         Output channel (class) to explain; ``None``: the outcome's default.
     divisible_by
         Spatial multiple the network needs (one int or one per axis).
+    input_range
+        ``(low, high)`` of the values the network takes after preprocessing (e.g.
+        ``[0, 1]``); images far outside it are rejected. ``None``: not checked.
     temperature
         Temperature of probabilities in soft outcomes (> 0).
     sliding_window
@@ -77,6 +81,7 @@ class ModelDescription:
     activation: str | None = None
     channel: int | None = None
     divisible_by: int | tuple[int, ...] | None = None
+    input_range: tuple[float, float] | None = None
     temperature: float = 1.0
     sliding_window: SlidingWindow | None = None
     name: str | None = None
@@ -101,6 +106,8 @@ class ModelDescription:
             raise ValueError(f"channel must be a non-negative integer, got {self.channel!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.input_range is not None:
+            self.input_range = value_range("input_range", self.input_range)
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -55,7 +55,7 @@ def resolve_device(choice: str | torch.device | None = "auto", fallback: bool = 
         return device
     message = f"device {str(choice)!r} is not available: {problem}"
     if not fallback:
-        raise RuntimeError(f"{message}; available: {', '.join(available_devices())}")
+        raise RuntimeError(f"{message}; use device='cpu' or 'auto' (available: {', '.join(available_devices())})")
     warnings.warn(f"{message}; running on the CPU instead", RuntimeWarning, stacklevel=2)
     return torch.device("cpu")
 

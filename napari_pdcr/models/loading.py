@@ -7,11 +7,14 @@ what is unambiguous from a test pass, and returns a
 :class:`~napari_pdcr.models.base.SegmentationModel` with the sha256 of the file(s) it
 came from.
 
-Trust: a MONAI bundle's config can run arbitrary Python (``$`` expressions and
-``_target_`` instantiation), importing a factory module runs its code, and unpickling a
-whole ``torch.save``-d module runs code too. Those are loaded only with
-``trusted=True``; everything else (TorchScript, ``torch.export`` programs, state dicts
-read with ``weights_only=True``) is data.
+Trust: every model format that holds a program runs code from its file when loaded, and
+is loaded only with ``trusted=True``: a MONAI bundle's config (``$`` expressions and
+``_target_`` instantiation), a factory's module, a pickled module, a TorchScript program
+(its ``__setstate__`` runs at load, and TorchScript can write files, e.g. ``torch.save``)
+and a ``torch.export`` program (``torch.export.load`` unpickles parts of it without
+restriction and parses its shape expressions with ``sympy.sympify``, i.e. ``eval``).
+Without trust only data is read: state dicts (``weights_only=True``) and descriptions
+(JSON). ``docs/models.md`` lists every format and what it can run.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ from napari_pdcr.models.sliding_window import SlidingWindow
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 BUNDLE_WEIGHTS = ("model.pt", "model.ts")
+#: How to proceed past an UntrustedModelError (the end of every such message).
+TRUST_ADVICE = (
+    "pass trusted=True (in the widget: tick 'Trust this file') only if you trust where it came from, "
+    "or load its weights (a state dict) into network code you have read"
+)
+#: The start of a ``torch.save`` file in the legacy (not zip) format: the pickled magic number.
+LEGACY_TORCH_SAVE = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:]
 #: MONAI transforms a bundle's preprocessing may keep besides monai.transforms.intensity.*:
 #: they change types, not geometry.
 TYPE_TRANSFORMS = {"EnsureType", "EnsureTyped", "CastToType", "CastToTyped", "ToTensor", "ToTensord"}
@@ -79,8 +89,9 @@ def load_model(
         which overrides what the format itself says (bundle metadata and inferer,
         export shapes); the rest is inferred from test passes.
     trusted
-        Allow sources that run code when loaded (MONAI bundles, factories, pickled
-        modules). Only for sources you trust as you would trust a Python script.
+        Allow sources that run code when loaded: every model file (TorchScript,
+        ``torch.export``, pickled modules, MONAI bundles) and factories. Only for sources
+        you trust as you would trust a Python script.
     device
         ``"cpu"``, ``"cuda"``, ``"mps"``, ``"auto"`` or a ``torch.device``.
     checkpoint
@@ -175,9 +186,9 @@ def _load_path(path: Path, trusted: bool) -> _Loaded:
         names = archive.namelist()
     sha256 = hash_file(path)
     if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
-        return _load_exported(path, sha256)
-    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
-        return _load_torchscript(path, sha256)
+        return _load_exported(path, sha256, trusted)
+    if _is_torchscript(names):
+        return _load_torchscript(path, sha256, trusted)
     if any(n.startswith("configs/") or "/configs/" in n for n in names):
         return _load_bundle_zip(path, trusted, sha256)
     if any(n.endswith("data.pkl") for n in names):
@@ -189,7 +200,23 @@ def _named(path: Path, network, sha256) -> _Loaded:
     return _Loaded(network, sha256, path, name=path.stem, description_file=description_path_for(path))
 
 
-def _load_torchscript(path: Path, sha256: str) -> _Loaded:
+def _untrusted(source, why: str) -> UntrustedModelError:
+    """The refusal of a source that runs code when loaded: what it is, why, how to proceed."""
+    return UntrustedModelError(f"{source} {why}: {TRUST_ADVICE}")
+
+
+def _is_torchscript(names: list[str]) -> bool:
+    """Whether a zip's member names are those of a TorchScript archive (``torch.jit.save``)."""
+    return any("/code/" in n or n.endswith("constants.pkl") for n in names)
+
+
+def _load_torchscript(path: Path, sha256: str, trusted: bool) -> _Loaded:
+    # torch.jit.load's unpickler builds only torch and TorchScript types, but the archive's
+    # TorchScript code runs: a class's __setstate__ during the load, and TorchScript can
+    # call torch.save and torch.from_file (write any file). So a TorchScript file is a program.
+    if not trusted:
+        raise _untrusted(path, "is a TorchScript program, and loading it runs the code it holds, "
+                               "which can write any of your files")
     try:
         network = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:  # noqa: BLE001 - torch raises RuntimeError subclasses of many kinds
@@ -219,7 +246,16 @@ class ExportedNetwork:
         return self
 
 
-def _load_exported(path: Path, sha256: str) -> _Loaded:
+def _load_exported(path: Path, sha256: str, trusted: bool) -> _Loaded:
+    # torch.export.load (torch 2.13) runs code from the archive in several ways: it reads the
+    # sample inputs with torch.load(weights_only=True) and, when that fails, weights_only=False;
+    # pickled weights and constants with weights_only=False; opaque constants with pickle.loads;
+    # AOTInductor members as native libraries; and it parses the program's symbolic shapes
+    # (JSON text) with sympy.sympify, which is eval. Checking the pickles would not make the
+    # JSON safe, so an exported program is loaded only when trusted, like a pickled module.
+    if not trusted:
+        raise _untrusted(path, "is a torch.export program, and torch.export.load unpickles parts of it "
+                               "and evaluates expressions from it, which can run any code the file holds")
     try:
         with open(path, "rb") as fh:  # torch.export.load accepts other suffixes only as a buffer
             program = torch.export.load(fh)
@@ -273,11 +309,8 @@ def _load_pickle(path: Path, trusted: bool, sha256: str) -> _Loaded:
         if not isinstance(error, pickle.UnpicklingError):
             raise ModelLoadError(f"could not read {path}: {_first_line(error)}") from None
         if not trusted:
-            raise UntrustedModelError(
-                f"{path} is a whole pickled Python object (torch.save(model)); unpickling it runs "
-                "code from the file. Pass trusted=True only if you trust where it came from, or "
-                "save it as TorchScript / torch.export / a state dict instead."
-            ) from None
+            raise _untrusted(path, "is a whole pickled Python object (torch.save(model)), and unpickling "
+                                   "it runs code from the file") from None
         content = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(content, nn.Module):
             raise ModelLoadError(f"{path} holds a {type(content).__name__}, not a torch.nn.Module") from None
@@ -316,13 +349,40 @@ def _load_factory(spec: str, checkpoint, factory_kwargs: dict | None, trusted: b
     return _Loaded(network, hash_file(path), f"{spec} + {path}", name=path.stem, description_file=description_path_for(path))
 
 
+def _not_torch_save(path: Path) -> str | None:
+    """What ``path`` is instead of a ``torch.save`` file (zip or legacy format); None if it is one."""
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return "is an incomplete zip archive (truncated download?)"
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if _is_torchscript(names):
+            return "is a TorchScript program, not a state dict"
+        return None if any(n.endswith("data.pkl") for n in names) else "is a zip archive but not a torch.save file"
+    if head.startswith(b"\x93NUMPY"):
+        return "is a NumPy array file (.npy), not a torch.save file"
+    return None if LEGACY_TORCH_SAVE in head else "is not a file written by torch.save"
+
+
 def _load_weights(network: nn.Module, path: Path) -> None:
     """Load a state dict file into ``network`` (``weights_only=True``; common wrappers unwrapped)."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    problem = _not_torch_save(path)
+    if problem is not None:
+        raise ModelLoadError(
+            f"checkpoint {path} {problem}: give the file written by torch.save(model.state_dict(), path)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
+    except pickle.UnpicklingError:  # torch's text would advise weights_only=False: never here
+        raise ModelLoadError(
+            f"checkpoint {path} holds Python objects besides tensors (a whole model or training state?), "
+            "which napari-pdcr does not unpickle: save only the weights, torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError subclasses of many kinds
         raise ModelLoadError(f"could not read checkpoint {path} as a state dict: {_first_line(error)}") from None
     for key in ("state_dict", "model", "network"):  # checkpoints saved with training state
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
@@ -352,11 +412,8 @@ def hash_bundle(root: Path) -> str:
 
 
 def _untrusted_bundle(path) -> UntrustedModelError:
-    return UntrustedModelError(
-        f"{path} is a MONAI bundle: its config can run arbitrary Python ('$' expressions and "
-        "'_target_' objects are executed when it is parsed). Pass trusted=True only if you trust "
-        "where the bundle came from."
-    )
+    return _untrusted(path, "is a MONAI bundle, and parsing its config runs arbitrary Python "
+                            "('$' expressions and '_target_' objects)")
 
 
 def _load_bundle_zip(path: Path, trusted: bool, sha256: str) -> _Loaded:
@@ -365,6 +422,8 @@ def _load_bundle_zip(path: Path, trusted: bool, sha256: str) -> _Loaded:
     with tempfile.TemporaryDirectory(prefix="pdcr-bundle-") as folder, zipfile.ZipFile(path) as archive:
         archive.extractall(folder)  # zipfile drops absolute paths and '..' (no writes outside)
         roots = sorted({p.parent.parent for p in Path(folder).rglob("configs/*")}, key=lambda p: len(p.parts))
+        if not roots:
+            raise ModelLoadError(f"{path} has an empty configs/ folder: it is not a complete MONAI bundle")
         loaded = _load_bundle(roots[0], trusted, sha256, path)
         if loaded.description_file is not None:  # the bundle's own pdcr.json: read it before the folder goes
             inside = ModelDescription.from_file(loaded.description_file)
@@ -383,10 +442,21 @@ def _load_bundle(root: Path, trusted: bool, sha256: str, shown_as) -> _Loaded:
     if config_file is None:
         raise ModelLoadError(f"bundle {shown_as} has no configs/{' or configs/'.join(BUNDLE_CONFIGS)}")
     parser = ConfigParser()
-    parser.read_config(str(config_file))
+
+    def read(method, file: Path) -> None:
+        try:
+            method(str(file))
+        except Exception as error:  # noqa: BLE001 - json / yaml syntax errors, a config that is no mapping
+            kind = "JSON" if file.suffix == ".json" else "YAML"
+            raise ModelLoadError(
+                f"bundle {shown_as}: configs/{file.name} is not a valid {kind} config "
+                f"({_first_line(error)}): correct the file or download the bundle again"
+            ) from None
+
+    read(parser.read_config, config_file)
     metadata = {}
     if (root / "configs" / "metadata.json").is_file():
-        parser.read_meta(str(root / "configs" / "metadata.json"))
+        read(parser.read_meta, root / "configs" / "metadata.json")
         metadata = parser.get("_meta_", {}) or {}
     parser["bundle_root"] = str(root)
 
@@ -394,7 +464,7 @@ def _load_bundle(root: Path, trusted: bool, sha256: str, shown_as) -> _Loaded:
     if weights is None:
         raise ModelLoadError(f"bundle {shown_as} has no models/{' or models/'.join(BUNDLE_WEIGHTS)}")
     if weights.suffix == ".ts":
-        network = _load_torchscript(weights, sha256).network
+        network = _load_torchscript(weights, sha256, trusted).network
     else:
         if "network_def" not in parser:
             raise ModelLoadError(f"bundle {shown_as}: {config_file.name} defines no 'network_def'")

@@ -1,21 +1,16 @@
-"""Matplotlib figures of an explanation (Qt-free: usable in scripts, the CLI and the dock).
-
-Colours follow the published convention: negative effects (the block's content
-*supported* the outcome) red, positive effects (the content *hurt* it) blue.
-"""
+"""Figures of a region explanation: block counts, effect histogram, effect vs distance, overlay."""
 
 from __future__ import annotations
 
 import numpy as np
 
-#: Diverging colormap with negative = red, positive = blue.
-EFFECT_CMAP = "RdBu"
-
-
-def symmetric_limit(values: np.ndarray) -> float:
-    """Half-width of symmetric colour limits around 0 (at least a tiny positive number)."""
-    m = float(np.nanmax(np.abs(values))) if np.size(values) else 0.0
-    return m if m > 0 else 1e-6
+from napari_pdcr.plotting.style import (
+    EFFECT_CMAP,
+    NEGATIVE_COLOR,
+    POSITIVE_COLOR,
+    ZERO_COLOR,
+    symmetric_limit,
+)
 
 
 def plot_block_counts(explanation, ax) -> None:
@@ -23,7 +18,7 @@ def plot_block_counts(explanation, ax) -> None:
     counts = explanation.counts()
     total = max(1, sum(counts.values()))
     names = ["negative", "zero", "positive"]
-    ax.bar(names, [counts[n] / total for n in names], color=["#c0392b", "#999999", "#2c6fbb"])
+    ax.bar(names, [counts[n] / total for n in names], color=[NEGATIVE_COLOR, ZERO_COLOR, POSITIVE_COLOR])
     ax.set_ylabel("fraction of blocks")
     ax.set_ylim(0, 1)
     ax.set_title("block effects")
@@ -40,9 +35,12 @@ def plot_histogram(explanation, ax) -> None:
             labels.append(f">{lo:g}")
         else:
             labels.append(f"{lo:g}..{hi:g}")
-    colours = ["#c0392b" if hi <= 0 else "#2c6fbb" if lo >= 0 else "#999999" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    colours = [
+        NEGATIVE_COLOR if hi <= 0 else POSITIVE_COLOR if lo >= 0 else ZERO_COLOR
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+    ]
     ax.bar(range(len(counts)), counts, color=colours)
-    ax.set_xticks(range(len(counts)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(range(len(counts)), labels, rotation=45, ha="right")
     ax.set_ylabel("blocks")
     ax.set_title("effect histogram (outcome units)")
 

@@ -1,12 +1,13 @@
-"""One explanation run, prepared from napari layers or arrays (Qt-free).
+"""Runs prepared as plain arrays and settings: the job layer (no napari, no Qt).
 
-The dock widget and :func:`napari_pdcr.console.explain` both build an
-:class:`ExplainJob` on the GUI thread (reading layer data there) and run
-:meth:`ExplainJob.iter_run`, a generator of
-:class:`~napari_pdcr.engine.estimator.Progress` that returns the
-:class:`~napari_pdcr.explanation.RegionExplanation`: the widget in a napari worker, the
-console with :func:`~napari_pdcr.engine.estimator.drive`. Loading the model and cutting
-the patch bank happen inside the generator, off the GUI thread.
+The dock widgets, :func:`napari_pdcr.console.explain`, the command line and batch
+scripts all build an :class:`ExplainJob` (input blocks) or a :class:`ComponentJob`
+(network components) and run its ``iter_run`` generator, which yields
+:class:`~napari_pdcr.engine.estimator.Progress` and returns the explanation: the widgets
+in a napari worker, the others with :func:`~napari_pdcr.engine.estimator.drive`.
+Loading the model and cutting the patch bank happen inside the generator, so off the
+GUI thread. :mod:`napari_pdcr._napari.inputs` turns napari layers into the arrays a job
+takes; the array functions here are the ones it extends.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import napari.layers
 import numpy as np
 from scipy import ndimage
 
+from napari_pdcr.components import ComponentEffects, enumerate_components
 from napari_pdcr.interventions import make_intervention
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
@@ -31,63 +32,7 @@ BANK_BUDGET_BYTES = 256 * 2**20
 DEFAULT_BANKS = {2: ("colin27_slices", "itk_slices"), 3: ("itk_volume", "colin27_volume")}
 
 
-# ---------------------------------------------------------------------- layers -> arrays
-def _is_layer(obj, kind: str) -> bool:
-    """``isinstance`` for napari layers (also through the viewer proxies plugins receive)."""
-    return isinstance(obj, getattr(napari.layers, kind))
-
-
-def layer_array(layer) -> np.ndarray:
-    """An image or labels layer's data as a numpy array (the finest level if multiscale)."""
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return np.asarray(data)
-
-
-def image_array(image) -> np.ndarray:
-    """Image data with any RGB(A) axis moved first: ``(*S)`` or ``(C, *S)``."""
-    if _is_layer(image, "Image"):
-        data = layer_array(image)
-        return np.moveaxis(data, -1, 0) if image.rgb else data
-    return np.asarray(image)
-
-
-def image_spatial_shape(image) -> tuple[int, ...]:
-    """Shape a mask drawn over ``image`` (layer or array) has: its shape without an RGB axis."""
-    if _is_layer(image, "Image"):
-        return tuple(image.data.shape[:-1] if image.rgb else image.data.shape)
-    return tuple(np.shape(image))
-
-
-def labels_mask(layer, label: int | None = None) -> np.ndarray:
-    """Bool mask of a Labels layer: voxels equal to ``label``, or all non-zero ones for None/0."""
-    data = layer_array(layer)
-    return data == label if label else data != 0
-
-
-def shapes_mask(shapes_layer, image_layer) -> np.ndarray:
-    """Bool mask over ``image_layer``'s grid: the bounding boxes of the rectangles of a Shapes layer.
-
-    Uses the selected rectangles, or all of them when none is selected. Vertices are
-    mapped through world coordinates, so the two layers may have different scales.
-    """
-    shape = image_spatial_shape(image_layer)
-    n = len(shape)
-    chosen = shapes_layer.selected_data or range(len(shapes_layer.data))
-    rectangles = [i for i in chosen if shapes_layer.shape_type[i] == "rectangle"]
-    if not rectangles:
-        raise ValueError(f"the shapes layer {shapes_layer.name!r} has no rectangle: draw one first")
-    scale_s, trans_s = np.asarray(shapes_layer.scale), np.asarray(shapes_layer.translate)
-    scale_i, trans_i = np.asarray(image_layer.scale)[-n:], np.asarray(image_layer.translate)[-n:]
-    mask = np.zeros(shape, dtype=bool)
-    for i in rectangles:
-        world = np.asarray(shapes_layer.data[i]) * scale_s + trans_s
-        index = (world[:, -n:] - trans_i) / scale_i
-        lo = np.clip(np.floor(index.min(axis=0) + 0.5).astype(int), 0, shape)
-        hi = np.clip(np.floor(index.max(axis=0) + 0.5).astype(int) + 1, 0, shape)
-        mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = True
-    return mask
-
-
+# ---------------------------------------------------------------------- array inputs
 def component_at(mask: np.ndarray, index) -> np.ndarray:
     """The connected component of ``mask`` containing voxel ``index`` (face connectivity)."""
     index = tuple(int(round(float(i))) for i in index)
@@ -99,44 +44,30 @@ def component_at(mask: np.ndarray, index) -> np.ndarray:
     return components == components[index]
 
 
-def region_mask(region, image=None, label: int | None = None, point=None) -> np.ndarray:
-    """A target region or reference mask from a Labels layer, a Shapes layer or an array.
+def image_array(image) -> np.ndarray:
+    """An image array ``S`` or ``(C, *S)`` as numpy (napari's version also takes Image layers)."""
+    return np.asarray(image)
 
-    ``label`` picks one value of a Labels layer (None / 0: every non-zero voxel);
-    ``point`` (data coordinates) keeps only the connected component containing it; a
-    Shapes layer needs the ``image`` layer whose grid the rectangles are drawn on.
+
+def region_mask(region, image=None, label: int | None = None, point=None) -> np.ndarray:
+    """A target region or reference mask from a label array (``image`` is unused for arrays).
+
+    ``label`` picks one value (None / 0: every non-zero voxel); ``point`` keeps only the
+    connected component containing it.
     """
-    if _is_layer(region, "Shapes"):
-        if not _is_layer(image, "Image"):
-            raise ValueError("a rectangle from a Shapes layer needs the image layer it is drawn over")
-        mask = shapes_mask(region, image)
-    elif _is_layer(region, "Labels"):
-        mask = labels_mask(region, label)
-    else:
-        array = np.asarray(region)
-        mask = array == label if label else array != 0
+    array = np.asarray(region)
+    mask = array == label if label else array != 0
     return component_at(mask, point) if point is not None else mask
 
 
 def region_name(region, label: int | None = None) -> str:
-    """How a run names its target region: the layer's name, plus ``#label`` if it holds other labels too."""
-    name = getattr(region, "name", "")
-    if not name or not label or not _is_layer(region, "Labels"):
-        return name
-    data = layer_array(region)
-    return f"{name} #{label}" if np.any((data != 0) & (data != label)) else name
+    """How a run names its target region: arrays have no name (napari's version names layers)."""
+    return ""
 
 
 def layer_geometry(image) -> dict:
-    """``name``, ``scale`` and ``translate`` of an image layer's spatial axes (empty for arrays)."""
-    if not _is_layer(image, "Image"):
-        return {}
-    n = len(image_spatial_shape(image))
-    return {
-        "name": image.name,
-        "scale": [float(s) for s in image.scale[-n:]],
-        "translate": [float(t) for t in image.translate[-n:]],
-    }
+    """Name, scale and translate of an image: none for arrays (napari's version reads layers)."""
+    return {}
 
 
 # ---------------------------------------------------------------------- models
@@ -198,6 +129,12 @@ def model_input(image: np.ndarray, model: SegmentationModel, name: str = "the im
     )
 
 
+def channel_layer_names(model, trusted: bool = False) -> list[str]:
+    """Names of the layers whose channels can be explained: the stages and skips (loads the model)."""
+    model = resolve_model(model, trusted=trusted)
+    return [c.name for c in enumerate_components(model, "stages") + enumerate_components(model, "skips")]
+
+
 # ---------------------------------------------------------------------- patch bank
 def bank_size(channels: int, block_shape) -> int:
     """Crops in a patch bank: the published 10,000, fewer when they would exceed the budget."""
@@ -231,17 +168,18 @@ def default_bank(image: np.ndarray, spatial_dims: int) -> tuple[np.ndarray, str]
     raise ValueError("no bundled image differs from the explained one: choose an image layer for the patch bank")
 
 
-# ---------------------------------------------------------------------- the job
+# ---------------------------------------------------------------------- input blocks
 @dataclass
 class ExplainJob:
-    """Everything one run needs, as plain arrays and settings.
+    """Everything one region-effects run needs, as plain arrays and settings.
 
     ``image`` is ``S`` or ``(C, *S)`` raw intensities; ``target_region`` and
     ``reference`` are bool ``S`` (``reference=None``: the model's own prediction);
     ``model`` a demo name, a file path or a :class:`SegmentationModel`. ``bank`` holds
-    the other images of a patch bank (None: the bundled default). ``parameters`` go to
-    :class:`~napari_pdcr.region_effects.RegionEffects` (``block_shape``, ``n_screen``,
-    ``n_estimate``, ``tau``, ``mode``, ``seed``, ``device``, ``batch_size``).
+    the other images of a patch bank, one array or a list (None: the bundled default).
+    ``parameters`` go to :class:`~napari_pdcr.region_effects.RegionEffects`
+    (``block_shape``, ``n_screen``, ``n_estimate``, ``tau``, ``mode``, ``seed``,
+    ``device``, ``batch_size``).
     """
 
     image: np.ndarray
@@ -251,7 +189,7 @@ class ExplainJob:
     intervention: str = "patch_bank"
     outcome: str = "dice"
     temperature: float = 1.0
-    bank: np.ndarray | None = None
+    bank: np.ndarray | list[np.ndarray] | None = None
     bank_description: str = ""
     trusted: bool = False
     spacing: tuple[float, ...] | None = None
@@ -302,7 +240,8 @@ class ExplainJob:
             bank, where = default_bank(image, model.spatial_dims)
         else:
             bank, where = self.bank, self.bank_description or "given images"
-        candidates = split_sources(bank, model.spatial_dims, model.in_channels)
+        banks = bank if isinstance(bank, list) else [bank]
+        candidates = [s for b in banks for s in split_sources(b, model.spatial_dims, model.in_channels)]
         others = [s for s in candidates if not same_image(s, image)]
         if not others:
             raise ValueError("the patch bank has no image other than the explained one: choose other images")
@@ -314,3 +253,52 @@ class ExplainJob:
         sources = [model.prepare_image(s).numpy() for s in others]
         seed = self.parameters.get("seed", 0)
         return make_intervention("patch_bank", bank_sources=sources, size=size, seed=seed), note
+
+
+# ---------------------------------------------------------------------- network components
+@dataclass
+class ComponentJob:
+    """One component-effects run as plain arrays and settings.
+
+    ``image`` is ``S`` or ``(C, *S)``; ``target_region`` / ``reference`` bool ``S``;
+    ``bank`` other images (a stack; None: the bundled samples), of which at most
+    ``n_bank`` evenly spaced ones are used; ``parameters`` go to :class:`ComponentEffects`.
+    """
+
+    image: np.ndarray
+    target_region: np.ndarray
+    model: str | SegmentationModel
+    reference: np.ndarray | None = None
+    bank: np.ndarray | None = None
+    n_bank: int = 16
+    trusted: bool = False
+    parameters: dict = field(default_factory=dict)
+
+    def _method(self) -> tuple[ComponentEffects, np.ndarray]:
+        """The method on the loaded model, and the image in the model's input layout."""
+        model = resolve_model(self.model, trusted=self.trusted)
+        return ComponentEffects(model, **self.parameters), model_input(np.asarray(self.image, dtype=np.float32), model)
+
+    def components(self):
+        """The components the run would explain, probed on the image (loads the model)."""
+        method, image = self._method()
+        return method.components(image)
+
+    def iter_run(self):
+        """Generator: load the model, pick bank images, yield progress, return the ComponentExplanation."""
+        method, image = self._method()
+        bank = self._bank_images(method.model, image) if method.intervention.needs_bank else None
+        result = yield from method.iter_attribute(image, self.target_region, self.reference, bank)
+        return result
+
+    def _bank_images(self, model: SegmentationModel, image: np.ndarray) -> np.ndarray:
+        stack = self.bank if self.bank is not None else default_bank(image, model.spatial_dims)[0]
+        others = [s for s in split_sources(stack, model.spatial_dims, model.in_channels) if not same_image(s, image)]
+        others = [s for s in others if s.shape == image.shape]
+        if not others:
+            raise ValueError(
+                f"the bank has no other image of the explained image's shape {image.shape}: "
+                "choose an image layer with other images of this size"
+            )
+        pick = np.unique(np.linspace(0, len(others) - 1, min(self.n_bank, len(others))).round().astype(int))
+        return np.stack([others[i] for i in pick])

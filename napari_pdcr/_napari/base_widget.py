@@ -1,0 +1,492 @@
+"""What the dock widgets share: layer choices, form controls and one base class.
+
+:class:`DockWidget` holds the model / device rows, the Setup and Results tabs, the Run /
+Cancel / progress section (through :class:`~napari_pdcr._napari.runner.BackgroundRun`),
+the summary and plot of the latest result, and saving it. A subclass builds its setup
+page, describes its job and says how to present a result.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels, Shapes
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_pdcr._napari.inputs import image_spatial_shape, region_mask
+from napari_pdcr._napari.plots import EffectPlots
+from napari_pdcr._napari.runner import BackgroundRun
+from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.models.demo import demo_model_names
+from napari_pdcr.models.devices import DEVICE_CHOICES, resolve_device
+from napari_pdcr.outcomes import OUTCOME_KINDS
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model file…"
+GIVEN_MODEL = "model set from the console"
+PREDICTION = "model prediction"
+BUNDLED_BANK = "bundled sample images"
+#: Exceptions whose message is written for users (shown as is, without a traceback).
+USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError, MemoryError, FloatingPointError)
+
+
+def user_message(error: BaseException) -> str:
+    """One sentence for a notification: the error's own text for expected errors."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    if isinstance(error, USER_ERRORS) and text:
+        return f"Could not explain the region: {text[0].lower()}{text[1:]}"
+    return f"The run failed unexpectedly ({type(error).__name__}: {error}); details are in the log."
+
+
+def finish_in_worker(job, *steps):
+    """Worker body: the job's progress, then ``(result, *(step(result) for step in steps))``.
+
+    The steps (building layer arrays, drawing plots) run here, off the GUI thread.
+    """
+    result = yield from job.iter_run()
+    return (result, *(step(result) for step in steps))
+
+
+def check_shape(mask: np.ndarray, image, what: str) -> None:
+    """Raise a user sentence when a mask from ``what`` is not on the image layer's grid."""
+    shape = image_spatial_shape(image)
+    if mask.shape != shape:
+        raise ValueError(
+            f"the {what} has shape {mask.shape} but the image {image.name!r} has shape {shape}: "
+            "draw it over this image, or choose the image it was drawn on"
+        )
+
+
+class LayerChoice(QComboBox):
+    """Combo box of the viewer's layers of one type, after optional fixed entries."""
+
+    def __init__(self, viewer, layer_type, fixed: tuple[str, ...] = (), tooltip: str = ""):
+        super().__init__()
+        self.viewer, self.layer_type, self.fixed = viewer, layer_type, fixed
+        self.setToolTip(tooltip)
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        self.refresh()
+
+    def refresh(self) -> None:
+        current = self.currentText()
+        names = [*self.fixed, *(layer.name for layer in self.viewer.layers if isinstance(layer, self.layer_type))]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        if current in names:
+            self.setCurrentText(current)
+        self.blockSignals(False)
+        if current not in names:
+            self.currentTextChanged.emit(self.currentText())
+
+    def layer(self):
+        """The chosen layer, or None for a fixed entry or no choice."""
+        name = self.currentText()
+        if name in self.fixed or name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[name]
+
+    def select(self, name: str) -> None:
+        self.refresh()
+        self.setCurrentText(name)
+
+
+def spin_box(value: int, lo: int, hi: int, tooltip: str) -> QSpinBox:
+    box = QSpinBox()
+    box.setRange(lo, hi)
+    box.setValue(value)
+    box.setToolTip(tooltip)
+    return box
+
+
+def double_box(value: float, lo: float, hi: float, decimals: int, step: float, tooltip: str) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setRange(lo, hi)
+    box.setDecimals(decimals)
+    box.setSingleStep(step)
+    box.setValue(value)
+    box.setToolTip(tooltip)
+    return box
+
+
+def combo_box(items, tooltip: str, current: str | None = None, on_change=None) -> QComboBox:
+    """A combo box of ``items``; ``on_change(text)`` is called when the choice changes."""
+    box = QComboBox()
+    box.addItems(list(items))
+    box.setToolTip(tooltip)
+    if current is not None:
+        box.setCurrentText(current)
+    if on_change is not None:
+        box.currentTextChanged.connect(on_change)
+    return box
+
+
+def form_group(title: str) -> tuple[QGroupBox, QFormLayout]:
+    """A titled group box and the form layout inside it."""
+    group = QGroupBox(title)
+    return group, QFormLayout(group)
+
+
+def scrolled(widget: QWidget) -> QScrollArea:
+    """``widget`` in a vertical scroll area (no horizontal scroll bar)."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(widget)
+    return area
+
+
+class DockWidget(BackgroundRun, QWidget):
+    """Base of the dock widgets: model and device rows, tabs, Run / Cancel / progress, result, saving.
+
+    A subclass builds its setup groups with the ``add_*_rows`` methods, its own rows and
+    :meth:`parameter_group`, passes them to :meth:`assemble`, and implements
+    ``add_method_rows(form)``, ``_on_intervention_changed(name)``, ``run()`` (with
+    :meth:`start_run`) and ``_on_returned(result)`` (which calls :meth:`present`).
+    :attr:`result` is the latest result, saved by :meth:`save_result`.
+    """
+
+    #: Title, file name and suffix of the save dialog.
+    SAVE_DIALOG = ("Save result", "explanation", ".zarr")
+    #: What an intervention replaces ("block", "component"), the interventions offered and their help.
+    NODE, INTERVENTIONS, INTERVENTION_HELP = "", (), ""
+    #: The label and help of the choice of other images (the bank).
+    BANK_LABEL, BANK_HELP = "Bank", ""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker = None
+        self.result = None
+        self.given_model: SegmentationModel | None = None
+
+    # ------------------------------------------------------------------ layout
+    def add_image_and_model_rows(self, form: QFormLayout) -> None:
+        """Add the Image, Model, model file, Trust and Device rows to ``form``."""
+        self.image_choice = LayerChoice(self.viewer, Image, tooltip="The image layer to explain.")
+        form.addRow("Image", self.image_choice)
+        self.model_choice = combo_box(
+            [*demo_model_names(), MODEL_FILE],
+            "A bundled demo model (unet2d: 2D brain mask; unet3d: 3D) or a model file.",
+            on_change=self._on_model_changed,
+        )
+        form.addRow("Model", self.model_choice)
+        self.model_path = QLineEdit()
+        self.model_path.setPlaceholderText("path to a model file")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse_model)
+        self.model_file_row = QWidget()
+        row = QHBoxLayout(self.model_file_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.model_path)
+        row.addWidget(browse)
+        form.addRow(self.model_file_row)
+        self.trusted = QCheckBox("Trust this file (it may run code)")
+        self.trusted.setToolTip("Allow formats that execute code when loaded (pickles). Only for files you trust.")
+        form.addRow(self.trusted)
+        self.device = combo_box(
+            DEVICE_CHOICES,
+            "Where the model runs: auto picks cuda, then mps, then cpu.",
+            on_change=self._update_device_label,
+        )
+        self.device_label = QLabel()
+        row = QHBoxLayout()
+        row.addWidget(self.device)
+        row.addWidget(self.device_label, 1)
+        form.addRow("Device", row)
+
+    def add_reference_rows(self, form: QFormLayout) -> None:
+        """Add the Reference (the model's prediction or a labels layer) and Reference value rows."""
+        self.reference = LayerChoice(
+            self.viewer,
+            Labels,
+            fixed=(PREDICTION,),
+            tooltip="Reference mask of the Dice outcome: the model's own prediction, or a labels layer "
+            "(ground truth).",
+        )
+        form.addRow("Reference", self.reference)
+        self.reference_value = spin_box(0, 0, 2**31 - 1, "Label value of the reference (0: every non-zero label).")
+        form.addRow("Reference value", self.reference_value)
+
+    def parameter_group(self) -> QGroupBox:
+        """The "Intervention and parameters" group: intervention, bank, the method's rows, outcome, draws.
+
+        Built from :attr:`INTERVENTIONS`, :attr:`INTERVENTION_HELP`, :attr:`BANK_LABEL`,
+        :attr:`BANK_HELP` and the subclass's ``add_method_rows(form)``.
+        """
+        group, form = form_group("Intervention and parameters")
+        self.intervention = combo_box(
+            self.INTERVENTIONS, self.INTERVENTION_HELP, on_change=self._on_intervention_changed
+        )
+        form.addRow("Intervention", self.intervention)
+        self.bank_choice = LayerChoice(self.viewer, Image, fixed=(BUNDLED_BANK,), tooltip=self.BANK_HELP)
+        form.addRow(self.BANK_LABEL, self.bank_choice)
+        self.add_method_rows(form)
+        node = self.NODE
+        self.outcome = combo_box(
+            OUTCOME_KINDS,
+            "The number measured in the region: dice (published) of the thresholded prediction "
+            "against the reference, or a soft score.",
+            "dice",
+        )
+        form.addRow("Outcome", self.outcome)
+        self.temperature = double_box(1.0, 0.01, 100.0, 2, 0.1, "Temperature of soft outcomes (dice ignores it).")
+        form.addRow("Temperature", self.temperature)
+        self.n_screen = spin_box(
+            3, 0, 1000, f"Screening draws per {node}; a {node} whose every change is below tau gets 0."
+        )
+        form.addRow("Screen draws", self.n_screen)
+        self.n_estimate = spin_box(50, 1, 100_000, f"Draws per {node} that passes the screen (the published 50).")
+        form.addRow("Estimate draws", self.n_estimate)
+        self.tau = double_box(
+            0.02, 0.0, 100.0, 3, 0.01, "Threshold in outcome units (Dice points): smaller effects are 0."
+        )
+        form.addRow("Tau", self.tau)
+        self.seed = spin_box(0, 0, 2**31 - 1, "Seed of every random draw: same seed, same result.")
+        form.addRow("Seed", self.seed)
+        return group
+
+    def estimator_parameters(self) -> dict:
+        """The draws, tau, seed and device chosen in the rows added here."""
+        return {
+            "n_screen": self.n_screen.value(),
+            "n_estimate": self.n_estimate.value(),
+            "tau": self.tau.value(),
+            "seed": self.seed.value(),
+            "device": self.device.currentText(),
+        }
+
+    def assemble(self, groups: list[QWidget], run_tooltip: str) -> None:
+        """Lay out the Setup tab (``groups``), the Results tab and the run section; watch the layers."""
+        setup = QWidget()
+        layout = QVBoxLayout(setup)
+        for group in groups:
+            layout.addWidget(group)
+        layout.addStretch(1)
+        self.setup_page = setup
+        self.tabs = QTabWidget()
+        self.tabs.addTab(scrolled(setup), "Setup")
+        self.tabs.addTab(scrolled(self._results_page()), "Results")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self.tabs, 1)
+        layout.addLayout(self._run_section(run_tooltip))
+        # wide enough for the settings without a horizontal scroll bar
+        self.setMinimumWidth(setup.minimumSizeHint().width() + 40)
+        for event in ("inserted", "removed", "reordered"):
+            getattr(self.viewer.layers.events, event).connect(self._refresh_layers)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_layers)
+        self.viewer.layers.events.inserted.connect(self._watch_name)
+        self._on_model_changed(self.model_choice.currentText())
+        self._on_intervention_changed(self.intervention.currentText())
+        self._update_device_label()
+
+    def _results_page(self) -> QWidget:
+        page = QWidget()
+        layout = QVBoxLayout(page)
+        self.summary = QLabel("No result yet: set up a run and press Run.")
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout.addWidget(self.summary)
+        self.save_button = QPushButton("Save result…")
+        self.save_button.setToolTip("Save the latest result (with its parameters and provenance).")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(lambda: self.save_result())
+        layout.addWidget(self.save_button)
+        self.plot = EffectPlots()
+        layout.addWidget(self.plot)
+        layout.addStretch(1)
+        return page
+
+    def _run_section(self, run_tooltip: str) -> QVBoxLayout:
+        layout = QVBoxLayout()
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip(run_tooltip)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the run after the current batch; nothing is kept.")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setFormat("idle")
+        self.progress.setTextVisible(True)
+        layout.addWidget(self.progress)
+        return layout
+
+    def settings_panel(self) -> QWidget:
+        return self.setup_page  # the settings, not their scroll bar
+
+    def plot_width(self) -> int:
+        """Width for the plots: the Results page's, less its margins and a scroll bar (240-420 px)."""
+        return min(420, max(240, self.tabs.width() - 60))
+
+    # ------------------------------------------------------------------ reactions
+    def _refresh_layers(self, event=None) -> None:
+        for choice in self.findChildren(LayerChoice):
+            choice.refresh()
+
+    def _watch_name(self, event) -> None:
+        event.value.events.name.connect(self._refresh_layers)
+
+    def _on_model_changed(self, name: str) -> None:
+        is_file = name == MODEL_FILE
+        self.model_file_row.setVisible(is_file)
+        self.trusted.setVisible(is_file)
+
+    def _update_device_label(self, *_) -> None:
+        try:
+            self.device_label.setText(f"runs on {resolve_device(self.device.currentText())}")
+            self.device_label.setStyleSheet("")
+        except RuntimeError:
+            self.device_label.setText(f"{self.device.currentText()} is not available here")
+            self.device_label.setStyleSheet("color: #e06c60")
+
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a model file", "", "All files (*)")
+        if path:
+            self.model_path.setText(path)
+
+    # ------------------------------------------------------------------ model
+    def set_model(self, model: SegmentationModel) -> None:
+        """Explain ``model`` (e.g. from the napari console) instead of a demo model or file."""
+        self.given_model = model
+        if self.model_choice.findText(GIVEN_MODEL) < 0:
+            self.model_choice.addItem(GIVEN_MODEL)
+        self.model_choice.setCurrentText(GIVEN_MODEL)
+
+    def chosen_model(self) -> str | SegmentationModel:
+        """The model to load in the worker: a demo name, a file path or the model set from the console."""
+        name = self.model_choice.currentText()
+        if name == GIVEN_MODEL:
+            return self.given_model
+        if name == MODEL_FILE:
+            path = self.model_path.text().strip()
+            if not path:
+                raise ValueError("choose a model file (Browse…) or a demo model")
+            return path
+        return name
+
+    def chosen_image(self):
+        """The image layer to explain; a user sentence when there is none."""
+        image = self.image_choice.layer()
+        if image is None:
+            raise ValueError(
+                "there is no image layer to explain: open an image (e.g. File > Open Sample > napari-pdcr)"
+            )
+        return image
+
+    def target_mask(self, layer, image, label: int | None = None, point=None) -> np.ndarray:
+        """The target region from a Labels or Shapes ``layer`` over ``image``.
+
+        Raises a user sentence when the mask is not on the image's grid or is empty.
+        """
+        mask = region_mask(layer, image, label=label, point=point)
+        check_shape(mask, image, f"layer {layer.name!r}")
+        if not mask.any():
+            if isinstance(layer, Shapes):
+                raise ValueError(f"the rectangles of {layer.name!r} lie outside the image {image.name!r}")
+            which = f"label {label}" if label else "any label"
+            raise ValueError(f"the target region is empty: no pixel of {layer.name!r} has {which}; paint it first")
+        return mask
+
+    def reference_mask(self, image) -> np.ndarray | None:
+        """The chosen reference as a mask over ``image``'s grid (None: the model's own prediction)."""
+        reference = self.reference.layer()
+        if reference is None:
+            return None
+        mask = region_mask(reference, image, label=self.reference_value.value())
+        check_shape(mask, image, f"reference {reference.name!r}")
+        return mask
+
+    # ------------------------------------------------------------------ starting work
+    def start_task(self, prepare, function, *args, loading_text: str, on_returned=None) -> None:
+        """Unless a run is going: ``prepare()`` on the GUI thread, then ``function(prepared, *args)``
+        in a worker. A user error from ``prepare`` (a missing layer, an empty region) is
+        notified and nothing starts.
+        """
+        if self.refuse_if_running():
+            return
+        try:
+            prepared = prepare()
+        except USER_ERRORS as error:
+            self.report_error(error)
+            return
+        self.start_worker(function, prepared, *args, loading_text=loading_text, on_returned=on_returned)
+
+    def start_run(self, make_job, *steps, loading_text: str) -> None:
+        """Run the job ``make_job()`` describes in a worker, then ``steps`` on its result.
+
+        See :func:`finish_in_worker`.
+        """
+        self.start_task(make_job, finish_in_worker, *steps, loading_text=loading_text)
+
+    # ------------------------------------------------------------------ results
+    def present(self, result, summary: str, figure) -> None:
+        """Make ``result`` the latest: show its summary and plot (a drawn Figure) in the Results tab."""
+        self.result = result
+        self.summary.setText(summary)
+        self.plot.show_figure(figure, self.devicePixelRatioF())
+        self.save_button.setEnabled(True)
+        self.tabs.setCurrentIndex(1)
+        self.progress.setValue(1000)
+        self.progress.setFormat(f"done in {result.timings.get('total_s', 0):.1f} s")
+
+    def report_error(self, error: Exception) -> None:
+        """Notify the user of an error of a run or a task."""
+        show_error(user_message(error))
+
+    def _on_errored(self, error: Exception) -> None:
+        logger.error("napari-pdcr run failed", exc_info=(type(error), error, error.__traceback__))
+        self.progress.setFormat("failed")
+        self.report_error(error)
+
+    def save_result(self, path: str | Path | None = None) -> Path | None:
+        """Save the latest result (asks for a path when none is given); returns the path written."""
+        if self.result is None:
+            show_error("There is no result to save yet: press Run first.")
+            return None
+        title, stem, suffix = self.SAVE_DIALOG
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, title, stem + suffix, f"{suffix[1:]} (*{suffix})")
+            if not path:
+                return None
+        path = Path(path)
+        if path.suffix != suffix:
+            path = path.with_name(path.name + suffix)
+        try:
+            written = self.result.save(path)
+        except OSError as error:
+            show_error(f"Could not save the result to {path}: {error.strerror or error}")
+            return None
+        show_info(f"Saved the result to {written}")
+        return written

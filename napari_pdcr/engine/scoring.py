@@ -1,0 +1,104 @@
+"""Scoring: from a forward batch to outcomes in the target region, written once.
+
+Every kind of node (input blocks, blocks of a sliding-window model, network components)
+measures the same thing: the model's scores at the target region's voxels ``(N, K, M)``,
+the explained channel, the reference mask inside the region and the outcome ``(N,)``.
+:class:`RegionScoring` holds those; the node sets only decide what goes into a batch.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.outcomes import Outcome
+
+#: ``precision`` values: ``None`` is float32; the others autocast on CUDA.
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def precision_context(device: torch.device, precision: str):
+    """Autocast context for reduced precision on CUDA; float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if PRECISIONS[precision] is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=PRECISIONS[precision])
+
+
+def check_finite(model: SegmentationModel, scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` unchanged; ``FloatingPointError`` if any is NaN or infinite."""
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError(f"model {model.name!r} returned NaN or infinite scores")
+    return scores
+
+
+class RegionScoring:
+    """The outcome of a model's scores in a target region.
+
+    Parameters
+    ----------
+    model
+        The :class:`~napari_pdcr.models.SegmentationModel` being explained.
+    region_index
+        Flat indices ``(M,)`` of the target region's voxels in the evaluated grid (the
+        whole image, or the crop the model runs on).
+    outcome
+        What is measured.
+    precision
+        ``"float32"``, or ``"bfloat16"`` / ``"float16"`` autocast on CUDA.
+
+    Call :meth:`set_base` with the unperturbed scores before scoring anything: it fixes
+    the explained channel and the reference, and returns the base outcome ``Y(x)``.
+    """
+
+    def __init__(self, model: SegmentationModel, region_index: np.ndarray, outcome: Outcome, precision: str = "float32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        self.model, self.outcome, self.precision = model, outcome, precision
+        self.region_index = torch.from_numpy(np.asarray(region_index, dtype=np.int64))
+        self.channel: int | None = None
+        self.reference: torch.Tensor | None = None
+        self.base: float | None = None
+
+    def autocast(self):
+        """The precision context for this model's device."""
+        return precision_context(self.model.device, self.precision)
+
+    def region_scores(self, batch: torch.Tensor, forward=None) -> torch.Tensor:
+        """Scores ``(N, K, M)`` float32 at the region's voxels, for a batch ``(N, C, *S)``.
+
+        ``forward`` runs the batch (default: the model, with its padding and windows).
+        """
+        with torch.inference_mode(), self.autocast():
+            scores = (forward or self.model)(batch)
+        flat = check_finite(self.model, scores).flatten(2)
+        return flat[:, :, self.region_index.to(flat.device)].float()
+
+    def set_base(self, base_scores: torch.Tensor, reference: np.ndarray | None = None) -> float:
+        """Fix the channel and the reference from unperturbed scores ``(1, K, M)``; return ``Y(x)``.
+
+        ``reference``: bool ``(M,)`` in region order (``None``: the model's own prediction).
+        """
+        activation = self.model.activation
+        self.channel = self.outcome.resolve_channel(base_scores.shape[1], activation)
+        predicted = self.outcome.predicted_mask(base_scores, activation, self.channel)[0].cpu()
+        self.reference = predicted if reference is None else torch.from_numpy(np.asarray(reference, dtype=bool))
+        self.base = float(self(base_scores)[0])
+        return self.base
+
+    def region_reference(self, reference: np.ndarray | None, window: tuple[slice, ...] | None = None):
+        """A bool ``S`` reference mask restricted to the evaluated grid, in region order (None stays None)."""
+        if reference is None:
+            return None
+        inside = reference if window is None else reference[window]
+        return inside.ravel()[self.region_index.numpy()]
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Outcomes ``(N,)`` float64 of region scores ``(N, K, M)``."""
+        if self.channel is None:
+            raise RuntimeError("RegionScoring.set_base must be called before scoring")
+        return self.outcome(scores, self.reference, self.model.activation, self.channel)
