@@ -8,7 +8,7 @@ target region on the brain's left edge (``napari_pdcr.cli.demo_target_region``):
   ground-truth brain mask inside the region), ``exact`` mode;
 - component effects of the stages: ``resample`` intervention (each stage's activation
   on one of 16 other Colin27 slices), screen 3, then ``--component-draws`` draws;
-- the strategy profile of each model (``napari_pdcr.comparison``).
+- the strategy profile of each model (``napari_pdcr.studies.comparison``).
 
 Writes the figure ``docs/images/model_comparison.png`` and the measured tables between
 the result markers of ``docs/model_comparison.md`` (``--save DIR``: also every
@@ -34,11 +34,10 @@ import torch
 
 from napari_pdcr import PatchBank
 from napari_pdcr.cli import bank_from_stack, demo_target_region
-from napari_pdcr.comparison import ModelComparison, compare_models, strategy_profile
-from napari_pdcr.components import ComponentExplanation
-from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.explanations.region import RegionExplanation
 from napari_pdcr.models.demo import DEMO_MODELS, demo_weights_path, load_demo_model
 from napari_pdcr.samples import load_sample
+from napari_pdcr.studies.comparison import ModelComparison, compare_models, strategy_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = ROOT / "docs" / "images" / "model_comparison.png"
@@ -105,19 +104,19 @@ def compute(args, image, mask, spacing, region, others) -> ModelComparison:
     if args.save:
         for profile in comparison.profiles:
             if profile.components is not None:
-                profile.explanation.extras.update(profile.components.to_extras())
+                profile.explanation.related["components"] = profile.components
             profile.explanation.save(args.save / f"{profile.model}.zarr")
     return comparison
 
 
 def load(directory: Path, names) -> ModelComparison:
-    """The comparison saved by ``--save`` (explanations with component effects in extras)."""
+    """The comparison saved by ``--save`` (region explanations with their component effects)."""
     profiles = []
     for path in sorted(directory.glob("*.zarr")):
         if names and path.stem not in names:
             continue
         explanation = RegionExplanation.load(path)
-        components = ComponentExplanation.from_extras(explanation.extras) if explanation.extras else None
+        components = explanation.related.get("components")
         profiles.append(strategy_profile(path.stem, explanation, components, LOCALITY_MM))
     order = {name: i for i, name in enumerate(names or DEMO_MODELS)}
     return ModelComparison(sorted(profiles, key=lambda p: order.get(p.model, len(order))))

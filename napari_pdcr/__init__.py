@@ -6,10 +6,17 @@ and no running napari; the napari plugin is a thin layer over it.
 
 __version__ = "0.1.0"
 
-from napari_pdcr.comparison import compare_models
-from napari_pdcr.components import ComponentEffects
+import os as _os
+import sys as _sys
+
+# Loaded by napari (napari imported, torch not yet): make OpenMP's idle threads sleep
+# instead of spinning, so they do not take CPU from napari's event loop. libgomp reads
+# this once, when torch is first imported; a value the user set is kept.
+if "napari" in _sys.modules and "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from napari_pdcr.engine import Cancelled, NodeStatus, Progress
-from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.explanations import ComponentExplanation, Explanation, RegionExplanation
 from napari_pdcr.interventions import (
     Blur,
     CallableIntervention,
@@ -21,10 +28,12 @@ from napari_pdcr.interventions import (
     Zero,
     make_intervention,
 )
+from napari_pdcr.io import DamagedStoreError
+from napari_pdcr.methods import ComponentEffects, Method, RegionEffects, explain_region
 from napari_pdcr.models import SegmentationModel
 from napari_pdcr.outcomes import Outcome
-from napari_pdcr.region_effects import RegionEffects, explain_region
 from napari_pdcr.regions import BlockGrid, box_region, centered_box
+from napari_pdcr.studies import compare_models
 
 __all__ = [
     "BlockGrid",
@@ -32,9 +41,13 @@ __all__ = [
     "CallableIntervention",
     "Cancelled",
     "ComponentEffects",
+    "ComponentExplanation",
     "Constant",
+    "DamagedStoreError",
+    "Explanation",
     "ImageMean",
     "Intervention",
+    "Method",
     "NodeStatus",
     "Noise",
     "Outcome",

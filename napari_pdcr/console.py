@@ -17,10 +17,10 @@ viewer never imports napari.
 from __future__ import annotations
 
 from napari_pdcr.engine.estimator import drive
-from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.explanations.region import RegionExplanation
 from napari_pdcr.jobs import ExplainJob
 
-#: Keyword arguments passed on to :class:`~napari_pdcr.region_effects.RegionEffects`.
+#: Keyword arguments passed on to :class:`~napari_pdcr.methods.region_effects.RegionEffects`.
 METHOD_PARAMETERS = ("block_shape", "n_screen", "n_estimate", "tau", "mode", "seed", "device", "batch_size")
 
 
@@ -92,7 +92,7 @@ def explain(
         Optional ``progress(Progress)`` callback; returning False cancels the run.
     **parameters
         ``block_shape``, ``n_screen``, ``n_estimate``, ``tau``, ``mode``, ``seed``,
-        ``device``, ``batch_size`` of :class:`~napari_pdcr.region_effects.RegionEffects`.
+        ``device``, ``batch_size`` of :class:`~napari_pdcr.methods.region_effects.RegionEffects`.
     """
     unknown = set(parameters) - set(METHOD_PARAMETERS)
     if unknown:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from napari_pdcr.components import ComponentEffects, enumerate_components
+from napari_pdcr.components import enumerate_components
 from napari_pdcr.interventions import make_intervention
+from napari_pdcr.methods import ComponentEffects, RegionEffects
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
-from napari_pdcr.region_effects import RegionEffects
 from napari_pdcr.samples import load_sample
 
 #: Bytes the crops of one patch bank may take (the published 10,000 crops when they fit).
@@ -177,7 +177,7 @@ class ExplainJob:
     ``reference`` are bool ``S`` (``reference=None``: the model's own prediction);
     ``model`` a demo name, a file path or a :class:`SegmentationModel`. ``bank`` holds
     the other images of a patch bank, one array or a list (None: the bundled default).
-    ``parameters`` go to :class:`~napari_pdcr.region_effects.RegionEffects`
+    ``parameters`` go to :class:`~napari_pdcr.methods.region_effects.RegionEffects`
     (``block_shape``, ``n_screen``, ``n_estimate``, ``tau``, ``mode``, ``seed``,
     ``device``, ``batch_size``).
     """
@@ -231,28 +231,37 @@ class ExplainJob:
         """The intervention and, for a patch bank, a note on its images (else None)."""
         if self.intervention != "patch_bank":
             return make_intervention(self.intervention), None
-        if self.bank is None:
-            if model.in_channels != 1:
-                raise ValueError(
-                    f"the bundled images have 1 channel but model {model.name!r} takes {model.in_channels}: "
-                    "choose an image layer for the patch bank"
-                )
-            bank, where = default_bank(image, model.spatial_dims)
-        else:
-            bank, where = self.bank, self.bank_description or "given images"
-        banks = bank if isinstance(bank, list) else [bank]
-        candidates = [s for b in banks for s in split_sources(b, model.spatial_dims, model.in_channels)]
-        others = [s for s in candidates if not same_image(s, image)]
-        if not others:
-            raise ValueError("the patch bank has no image other than the explained one: choose other images")
-        block = self.parameters.get("block_shape", 8)
-        block = (block,) * model.spatial_dims if np.isscalar(block) else block
-        size = bank_size(model.in_channels, block)
-        left_out = " (the explained image left out)" if len(others) < len(candidates) else ""
-        note = f"{where}: {size} crops from {len(others)} images{left_out}"
-        sources = [model.prepare_image(s).numpy() for s in others]
-        seed = self.parameters.get("seed", 0)
-        return make_intervention("patch_bank", bank_sources=sources, size=size, seed=seed), note
+        return patch_bank(model, image, self.bank, self.bank_description, self.parameters.get("block_shape", 8),
+                          self.parameters.get("seed", 0))
+
+
+def patch_bank(model: SegmentationModel, image: np.ndarray, bank=None, bank_description: str = "",
+               block_shape=8, seed: int = 0):
+    """A patch bank of images other than ``image`` (``(C, *S)``, model layout) and a note on them.
+
+    ``bank``: other images (one array or a list; None: the bundled default). Returns
+    ``(PatchBank, note)``; ``ValueError`` when no image other than ``image`` is left.
+    """
+    if bank is None:
+        if model.in_channels != 1:
+            raise ValueError(
+                f"the bundled images have 1 channel but model {model.name!r} takes {model.in_channels}: "
+                "choose an image layer for the patch bank"
+            )
+        bank, where = default_bank(image, model.spatial_dims)
+    else:
+        where = bank_description or "given images"
+    banks = bank if isinstance(bank, list) else [bank]
+    candidates = [s for b in banks for s in split_sources(b, model.spatial_dims, model.in_channels)]
+    others = [s for s in candidates if not same_image(s, image)]
+    if not others:
+        raise ValueError("the patch bank has no image other than the explained one: choose other images")
+    block = (block_shape,) * model.spatial_dims if np.isscalar(block_shape) else block_shape
+    size = bank_size(model.in_channels, block)
+    left_out = " (the explained image left out)" if len(others) < len(candidates) else ""
+    note = f"{where}: {size} crops from {len(others)} images{left_out}"
+    sources = [model.prepare_image(s).numpy() for s in others]
+    return make_intervention("patch_bank", bank_sources=sources, size=size, seed=seed), note
 
 
 # ---------------------------------------------------------------------- network components

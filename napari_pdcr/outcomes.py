@@ -63,6 +63,10 @@ class Outcome:
     def describe(self) -> dict:
         return asdict(self)
 
+    def at_temperature(self, temperature: float) -> Outcome:
+        """This outcome with probabilities at ``temperature`` (> 0)."""
+        return replace(self, temperature=temperature)
+
     # ---------------------------------------------------------------- helpers
     def resolve_channel(self, n_channels: int, activation: str) -> int:
         """The channel index this outcome explains for a model with ``n_channels`` outputs."""

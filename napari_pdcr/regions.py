@@ -90,13 +90,7 @@ def block_shape_for(block_shape, spatial_dims: int) -> tuple[int, ...]:
         f"got {shown(block_shape)}"
     )
     entries = (block_shape,) * spatial_dims if np.isscalar(block_shape) else block_shape
-    try:
-        values = tuple(positive_int("block_shape", b) for b in entries)
-    except (TypeError, ValueError):
-        raise ValueError(message) from None
-    if len(values) != spatial_dims:
-        raise ValueError(message)
-    return values
+    return _per_axis(entries, spatial_dims, lambda b: positive_int("block_shape", b), message)
 
 
 def voxel_spacing(spacing, spatial_dims: int) -> tuple[float, ...] | None:
@@ -104,13 +98,19 @@ def voxel_spacing(spacing, spatial_dims: int) -> tuple[float, ...] | None:
     if spacing is None:
         return None
     message = f"spacing must be {spatial_dims} finite numbers > 0 (one per spatial axis); got {shown(spacing)}"
+    return _per_axis(spacing, spatial_dims, lambda s: positive_float("spacing", s), message)
+
+
+def _per_axis(values, spatial_dims: int, check, message: str) -> tuple:
+    """``check`` applied to each of ``values``; ``ValueError(message)`` unless all pass and there
+    are ``spatial_dims`` of them."""
     try:
-        values = tuple(positive_float("spacing", s) for s in spacing)
+        checked = tuple(check(v) for v in values)
     except (TypeError, ValueError):
         raise ValueError(message) from None
-    if len(values) != spatial_dims:
+    if len(checked) != spatial_dims:
         raise ValueError(message)
-    return values
+    return checked
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ subject (ITK) is never used here.
     PYTHONPATH=. python sample_data/train_demo_models.py                 # all models
     PYTHONPATH=. python sample_data/train_demo_models.py --models unet2d # a subset
 
+The temperature series ``unet2d_T0.5``, ``unet2d_T1``, ``unet2d_T2``, ``unet2d_T4``
+(``docs/temperature.md``) is the ``unet2d`` architecture trained with the same data,
+seed, steps and optimiser, but with the loss on ``sigmoid(z / T_train)``: the network's
+logits ``z`` are divided by the model's training temperature before the loss. Their
+weights are stored in float16 (half the size; loading casts them back to float32).
+
 Writes ``napari_pdcr/models/weights/<name>.pt`` (a plain state dict). Fixed seeds, 2
 threads, deterministic algorithms: the same machine and versions give the same weights.
 On a busy shared machine set ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads then sleep
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from napari_pdcr.models.demo import DEMO_MODELS, demo_weights_path
+from napari_pdcr.models.demo import DEMO_MODELS, TEMPERATURE_SERIES, demo_weights_path
 from napari_pdcr.samples import colin27_split, load_sample
 
 SEED = 0
@@ -43,12 +49,14 @@ class TrainConfig:
 
     ``recalibrate_bn``: after training, set BatchNorm statistics to those of the
     un-augmented training images (see :func:`recalibrate_batch_norm`).
+    ``float16_weights``: store floating-point weights in float16.
     """
 
     steps: int
     batch_size: int
     lr: float
     recalibrate_bn: bool = False
+    float16_weights: bool = False
 
 
 TRAINING: dict[str, TrainConfig] = {
@@ -57,6 +65,13 @@ TRAINING: dict[str, TrainConfig] = {
     "segresnet2d": TrainConfig(steps=250, batch_size=8, lr=3e-3),
     "shallow2d": TrainConfig(steps=200, batch_size=8, lr=3e-3),
 }
+# the temperature series: unet2d's settings, only the training temperature differs
+TRAINING.update(
+    {
+        name: TrainConfig(steps=400, batch_size=8, lr=3e-3, float16_weights=True)
+        for name in TEMPERATURE_SERIES
+    }
+)
 
 
 def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
@@ -186,7 +201,11 @@ def recalibrate_batch_norm(network: torch.nn.Module, images: torch.Tensor, multi
 
 
 def train(name: str) -> tuple[torch.nn.Module, float]:
-    """Train demo model ``name`` from a fixed seed; returns the network and seconds taken."""
+    """Train demo model ``name`` from a fixed seed; returns the network and seconds taken.
+
+    The loss sees the logits divided by the model's training temperature (1 but for the
+    temperature series).
+    """
     spec, config = DEMO_MODELS[name], TRAINING[name]
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
@@ -200,7 +219,7 @@ def train(name: str) -> tuple[torch.nn.Module, float]:
     for step in range(config.steps):
         with torch.no_grad():
             x, y = augmented_batch(images, masks, config, gen)
-        loss = loss_fn(network(x), y)
+        loss = loss_fn(network(x) / spec.training_temperature, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -218,14 +237,18 @@ def train(name: str) -> tuple[torch.nn.Module, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(TRAINING), default=list(TRAINING))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     for name in args.models:
         network, seconds = train(name)
         path = demo_weights_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(network.state_dict(), path)
+        state = network.state_dict()
+        if TRAINING[name].float16_weights:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        torch.save(state, path)
         n_params = sum(p.numel() for p in network.parameters())
         print(
             f"{name}: {n_params} parameters, {seconds:.0f} s, {path.stat().st_size / 1e3:.0f} kB -> {path}"

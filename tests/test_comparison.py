@@ -8,7 +8,8 @@ import pytest
 from synthetic import LocalConv, random_image, wrap
 
 from napari_pdcr import Cancelled, box_region
-from napari_pdcr.comparison import compare_models, show_comparison, strategy_profile
+from napari_pdcr._napari.viewer import show_comparison
+from napari_pdcr.studies.comparison import compare_models, strategy_profile
 
 matplotlib.use("Agg")
 

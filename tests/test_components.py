@@ -9,11 +9,18 @@ from monai.networks.nets import UNet
 from synthetic import LocalConv, random_image, wrap
 from torch import nn
 
-from napari_pdcr import Cancelled, NodeStatus, RegionEffects, box_region
-from napari_pdcr.components import (
-    Component,
+from napari_pdcr import (
+    Cancelled,
     ComponentEffects,
     ComponentExplanation,
+    Explanation,
+    NodeStatus,
+    RegionEffects,
+    RegionExplanation,
+    box_region,
+)
+from napari_pdcr.components import (
+    Component,
     ComponentNodes,
     NotAModuleError,
     enumerate_components,
@@ -191,16 +198,20 @@ def test_results_are_saved_with_a_region_explanation(tmp_path):
     model = signal_model()
     components = ComponentEffects(model, "zero").attribute(IMAGE, REGION)
     region = RegionEffects(model, intervention="zero", block_shape=8, mode="published").attribute(IMAGE, REGION)
-    region.extras.update(components.to_extras())
+    region.related["components"] = components
     save_explanation(region, tmp_path / "run.zarr")
-    loaded = ComponentExplanation.from_extras(load_explanation(tmp_path / "run.zarr").extras)
+    loaded = load_explanation(tmp_path / "run.zarr").related["components"]
+    assert isinstance(loaded, ComponentExplanation)
     assert loaded.names == components.names
     np.testing.assert_array_equal(loaded.ate, components.ate)
     np.testing.assert_array_equal(loaded.target_region, REGION)
     assert loaded.parameters["intervention"] == {"name": "zero"}
     assert loaded.components[0] == components.components[0]
-    alone = ComponentExplanation.load(components.save(tmp_path / "components.npz"))
+    alone = ComponentExplanation.load(components.save(tmp_path / "components.zarr"))
     assert alone.table() == components.table()
+    assert isinstance(Explanation.load(tmp_path / "components.zarr"), ComponentExplanation)  # any kind
+    with pytest.raises(ValueError, match="'component_explanation' result, not 'region_explanation'"):
+        RegionExplanation.load(tmp_path / "components.zarr")
 
 
 def test_plot_is_sorted_with_error_bars():

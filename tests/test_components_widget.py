@@ -67,7 +67,7 @@ def test_channels_cancel_and_save(widget, qtbot, tmp_path):
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert [c.kind for c in widget.result.components] == ["channel"] * 4
-    from napari_pdcr.components import ComponentExplanation
+    from napari_pdcr import ComponentExplanation
 
     path = widget.save_result(tmp_path / "channels")
     assert ComponentExplanation.load(path).names == widget.result.names

@@ -52,7 +52,7 @@ def finish(qtbot, widget):
 def test_components_widget_loads_models_in_workers(viewer, qtbot, loads):
     from napari_pdcr._napari.base_widget import DockWidget
     from napari_pdcr._napari.components_widget import ComponentsWidget
-    from napari_pdcr.plotting.style import DOCK_STYLE
+    from napari_pdcr._napari.plots import DOCK_FONTS as DOCK_STYLE
 
     widget = ComponentsWidget(viewer)
     qtbot.addWidget(widget)
@@ -83,8 +83,8 @@ def test_components_widget_loads_models_in_workers(viewer, qtbot, loads):
 
 def test_region_widget_runs_a_model_set_from_the_console(viewer, qtbot, loads):
     from napari_pdcr._napari.base_widget import DockWidget
+    from napari_pdcr._napari.plots import DOCK_FONTS as DOCK_STYLE
     from napari_pdcr._napari.widget import RegionEffectsWidget
-    from napari_pdcr.plotting.style import DOCK_STYLE
 
     widget = RegionEffectsWidget(viewer)
     qtbot.addWidget(widget)

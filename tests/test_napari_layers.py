@@ -9,13 +9,13 @@ from napari.components import ViewerModel
 from napari_pdcr._napari.layers import (
     EFFECT_COLORMAP_NAME,
     METADATA_KEY,
-    add_explanation_layers,
     effect_colormap,
     explanation_from_layer,
     outline,
 )
+from napari_pdcr._napari.viewer import add_to_viewer
 from napari_pdcr.engine.estimator import NodeStatus
-from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.explanations.region import RegionExplanation
 
 
 def make_explanation(spatial=(64, 48), block=8, spacing=(1.0, 1.0)) -> RegionExplanation:
@@ -68,7 +68,7 @@ def test_ate_layer_properties_headless():
     viewer = ViewerModel()
     source = viewer.add_image(np.zeros((64, 48), np.float32), scale=(0.5, 0.7), translate=(10, -3), name="img")
     explanation = make_explanation()
-    layers = add_explanation_layers(viewer, explanation, source_layer=source)
+    layers = add_to_viewer(viewer, explanation, source_layer=source)
     ate = layers[0]
     assert [layer.name for layer in layers] == ["toy ATE", "toy ATE prediction"]
     assert ate.data.shape == (64, 48)
@@ -99,7 +99,7 @@ def test_options_and_geometry_without_source_layer():
     assert target.metadata[METADATA_KEY]["role"] == "target_region"
     np.testing.assert_allclose(ate.scale, (2.0, 3.0))  # from the explanation's spacing
     explanation.provenance["source_layer"] = {"scale": [4.0, 4.0], "translate": [1.0, 2.0]}
-    again = add_explanation_layers(viewer, explanation, name="again", show_prediction=False)[0]
+    again = add_to_viewer(viewer, explanation, name="again", show_prediction=False)[0]
     np.testing.assert_allclose(again.scale, (4.0, 4.0))
     np.testing.assert_allclose(again.translate, (1.0, 2.0))
     assert again.name == "again"
@@ -109,7 +109,7 @@ def test_all_zero_map_gets_valid_limits_and_3d_rendering():
     explanation = make_explanation(spatial=(16, 24, 20), block=8, spacing=(2.0, 2.0, 2.0))
     explanation.block_effects[:] = 0
     viewer = ViewerModel()
-    ate = add_explanation_layers(viewer, explanation, show_prediction=False)[0]
+    ate = add_to_viewer(viewer, explanation, show_prediction=False)[0]
     assert tuple(ate.contrast_limits) == (-1.0, 1.0)
     assert ate.data.shape == (16, 24, 20)
     assert ate.rendering == "translucent"  # not 'mip', which would hide negative effects
@@ -130,7 +130,7 @@ def test_rendered_map_shows_red_and_blue(make_napari_viewer, tmp_path):
 
     viewer = make_napari_viewer(show=True)
     image = viewer.add_image(np.full((64, 48), 0.5, np.float32), colormap="gray", contrast_limits=(0, 1))
-    add_explanation_layers(viewer, make_explanation(), source_layer=image, show_prediction=False)
+    add_to_viewer(viewer, make_explanation(), source_layer=image, show_prediction=False)
     shot = viewer.screenshot(canvas_only=True, flash=False)
     imwrite(tmp_path / "map.png", shot)
     rgb = shot[..., :3].astype(int)

@@ -168,8 +168,9 @@ def test_paint_run_to_completion(viewer_2d, qtbot, tmp_path):
     path = widget.save_result(tmp_path / "result")
     assert path == tmp_path / "result.zarr" and is_explanation_store(path)
     layers = viewer_2d.open(str(path), plugin="napari-pdcr")
-    np.testing.assert_array_equal(layers[0].data, ate.data)
-    assert layers[0].metadata[METADATA_KEY]["parameters"] == meta["explanation"].parameters
+    assert layers[0].name.startswith("colin27_slice image")  # the explained image, kept in the store
+    np.testing.assert_array_equal(layers[1].data, ate.data)
+    assert layers[1].metadata[METADATA_KEY]["parameters"] == meta["explanation"].parameters
 
 
 def test_cancel_leaves_no_layer_and_second_run_is_refused(viewer_2d, qtbot):

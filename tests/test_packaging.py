@@ -23,7 +23,7 @@ import napari_pdcr
 from napari_pdcr import RegionEffects, box_region
 from napari_pdcr.models.demo import load_demo_model
 from napari_pdcr.samples import load_sample
-import napari_pdcr.components, napari_pdcr.comparison, napari_pdcr.io, napari_pdcr.console, napari_pdcr.plotting
+import napari_pdcr.components, napari_pdcr.studies.comparison, napari_pdcr.io, napari_pdcr.console, napari_pdcr.plotting
 sample = load_sample('colin27_slice')
 model = load_demo_model('unet2d')
 region = box_region(sample['image'].shape, (100, 20), 16)

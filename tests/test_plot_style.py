@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgb
 
-from napari_pdcr.components import Component, ComponentExplanation
+from napari_pdcr import ComponentExplanation
+from napari_pdcr.components import Component
 from napari_pdcr.engine.estimator import NodeStatus
 from napari_pdcr.plotting import EFFECT_CMAP, plot_block_counts, plot_components, symmetric_limit
 from napari_pdcr.plotting.style import NEGATIVE_COLOR, POSITIVE_COLOR, ZERO_COLOR

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from napari.components import ViewerModel
 from test_napari_layers import make_explanation
 
-from napari_pdcr._napari.layers import METADATA_KEY, add_explanation_layers
+from napari_pdcr._napari.layers import METADATA_KEY
 from napari_pdcr._napari.reader import get_reader, read_explanation
+from napari_pdcr._napari.viewer import add_to_viewer
 from napari_pdcr._napari.writer import write_explanation
 from napari_pdcr.io.results import is_explanation_store, load_explanation, save_explanation
 
@@ -53,7 +56,7 @@ def test_reader_restores_layers(tmp_path):
 def test_writer_saves_the_explanation_of_an_ate_layer(tmp_path):
     viewer = ViewerModel()
     explanation = make_explanation()
-    ate = add_explanation_layers(viewer, explanation, show_prediction=False)[0]
+    ate = add_to_viewer(viewer, explanation, show_prediction=False)[0]
     written = write_explanation(str(tmp_path / "saved"), ate.data, ate._get_state())
     assert written == [str(tmp_path / "saved.zarr")]
     assert is_explanation_store(written[0])
@@ -74,7 +77,7 @@ def test_writer_refuses_other_layers(tmp_path):
 def test_save_and_reopen_through_napari(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     explanation = make_explanation()
-    ate = add_explanation_layers(viewer, explanation)[0]
+    ate = add_to_viewer(viewer, explanation)[0]
     viewer.layers.selection.active = ate
     path = tmp_path / "through_napari.zarr"
     viewer.layers.save(str(path), selected=True, plugin="napari-pdcr")
@@ -99,3 +102,54 @@ def test_sample_data_opens_with_layer_types_and_shapes(make_napari_viewer, key, 
     assert all(layer.data.shape == shape for layer in layers)
     assert layers[0].data.dtype == np.float32
     assert set(np.unique(layers[1].data)) == {0, 1}
+
+
+def make_component_explanation():
+    """A hand-made component result: two components, one estimated, one screened out."""
+    from napari_pdcr import ComponentExplanation, NodeStatus
+    from napari_pdcr.components import Component
+
+    region = np.zeros((64, 48), bool)
+    region[8:24, 8:24] = True
+    return ComponentExplanation(
+        components=[Component(name="encoder 1", path="model.0", kind="stage", module_type="Conv2d"),
+                    Component(name="decoder 1", path="model.1", kind="stage", module_type="Conv2d")],
+        ate=np.array([-4.0, 0.0]), standard_error=np.array([0.5, 0.0]), raw_mean=np.array([-4.0, 0.01]),
+        n_draws=np.array([50, 3], np.int32), status=np.array([NodeStatus.ESTIMATED, NodeStatus.SCREENED_OUT], np.int8),
+        base_outcome=91.0, target_region=region, model_identity={"name": "toy", "sha256": "ab"},
+        parameters={"method": "component_effects", "intervention": {"name": "zero"}},
+    )
+
+
+def test_component_results_round_trip_through_the_store_and_the_reader(tmp_path):
+    from napari_pdcr import ComponentExplanation, Explanation
+
+    result = make_component_explanation()
+    store = result.save(tmp_path / "components.zarr")
+    assert is_explanation_store(store) and get_reader(str(store)) is read_explanation
+    back = Explanation.load(store)
+    assert isinstance(back, ComponentExplanation) and back.table() == result.table()
+    assert back.model_identity == result.model_identity and back.names == result.names
+    (outline, kwargs, kind), = read_explanation(str(store))
+    assert kind == "labels" and kwargs["name"] == "toy components target"
+    assert isinstance(kwargs["metadata"][METADATA_KEY]["explanation"], ComponentExplanation)
+    # the writer saves a component result's layer again, in the same format
+    again = write_explanation(str(tmp_path / "again"), outline, kwargs)[0]
+    assert load_explanation(again).table() == result.table()
+
+
+def test_a_region_result_keeps_its_related_component_result(tmp_path):
+    region = make_explanation()
+    region.related["components"] = make_component_explanation()
+    layer_data = read_explanation(str(save_explanation(region, tmp_path / "run.zarr")))
+    restored = layer_data[0][1]["metadata"][METADATA_KEY]["explanation"].related["components"]
+    assert restored.table() == region.related["components"].table()
+
+
+def test_a_damaged_component_store_says_so(tmp_path):
+    from napari_pdcr import DamagedStoreError
+
+    store = make_component_explanation().save(tmp_path / "components.zarr")
+    shutil.rmtree(store / "status")
+    with pytest.raises(DamagedStoreError, match="this result store is damaged: array 'status' is missing"):
+        read_explanation(str(store))

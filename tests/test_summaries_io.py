@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -209,7 +210,7 @@ def test_save_load_round_trip(tmp_path, real_explanation):
 
 def test_load_without_reference_and_rejects_foreign_stores(tmp_path):
     ex = constructed(VALUES)
-    save_explanation(ex, tmp_path / "a.zarr", extras={"more": np.ones(3)})
+    save_explanation(replace(ex, extras={"more": np.ones(3)}), tmp_path / "a.zarr")
     back = load_explanation(tmp_path / "a.zarr")
     assert back.reference is None and back.spacing is None
     np.testing.assert_array_equal(back.extras["more"], np.ones(3))
@@ -252,7 +253,7 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     # the same through save_explanation: an extra array zarr cannot store fails midway
     ex = constructed(VALUES)
     with pytest.raises(Exception):  # noqa: B017 - whatever zarr raises
-        save_explanation(ex, path, extras={"bad": np.array([object(), object()])})
+        save_explanation(replace(ex, extras={"bad": np.array([object(), object()])}), path)
     assert not path.exists()
     assert _leftovers(tmp_path) == []
 
@@ -263,7 +264,7 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_complete(tmp_path):
     save_explanation(old, path)
 
     with pytest.raises(Exception):  # noqa: B017
-        save_explanation(constructed(VALUES), path, extras={"bad": np.array([object()])})
+        save_explanation(replace(constructed(VALUES), extras={"bad": np.array([object()])}), path)
     np.testing.assert_array_equal(load_explanation(path).block_effects, old.block_effects)
     assert _leftovers(tmp_path) == []
 

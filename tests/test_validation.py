@@ -7,8 +7,7 @@ import pytest
 import torch
 from synthetic import TapModel, random_image, tap_model, torch_threads, wrap
 
-from napari_pdcr import Outcome, PatchBank, RegionEffects, box_region
-from napari_pdcr.components import ComponentEffects
+from napari_pdcr import ComponentEffects, Outcome, PatchBank, RegionEffects, box_region
 from napari_pdcr.engine.estimator import EstimatorSettings
 from napari_pdcr.interventions import make_intervention
 from napari_pdcr.models.demo import load_demo_model

@@ -8,12 +8,17 @@ page, describes its job and says how to present a result.
 
 from __future__ import annotations
 
+import gc
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels, Shapes
+from napari.qt.threading import create_worker
+from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
+from napari.utils.theme import get_theme
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -30,16 +35,24 @@ from qtpy.QtWidgets import (
     QScrollArea,
     QSpinBox,
     QTabWidget,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_pdcr._napari.inputs import image_spatial_shape, region_mask
+from napari_pdcr._napari.inputs import image_spatial_shape, layer_geometry, region_mask
+from napari_pdcr._napari.layers import METADATA_KEY, explanation_from_layer
 from napari_pdcr._napari.plots import EffectPlots
 from napari_pdcr._napari.runner import BackgroundRun
+from napari_pdcr.jobs import demo_model_dims
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.models.demo import demo_model_names
-from napari_pdcr.models.devices import DEVICE_CHOICES, resolve_device
+from napari_pdcr.models.devices import (
+    DEVICE_CHOICES,
+    resolve_device,
+    torch_threads,
+    worker_cpu_threads,
+)
 from napari_pdcr.outcomes import OUTCOME_KINDS
 
 logger = logging.getLogger(__name__)
@@ -48,25 +61,47 @@ MODEL_FILE = "model file…"
 GIVEN_MODEL = "model set from the console"
 PREDICTION = "model prediction"
 BUNDLED_BANK = "bundled sample images"
+#: Name of the labels layer a person paints the target region on, and the choice that stands for it.
+REGION_LAYER_NAME = "target region"
+PAINT_REGION = "target region (to paint)"
+REGION_COLOR = "lime"
 #: Exceptions whose message is written for users (shown as is, without a traceback).
 USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError, MemoryError, FloatingPointError)
 
 
+def capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def user_message(error: BaseException) -> str:
-    """One sentence for a notification: the error's own text for expected errors."""
+    """One sentence for a notification, the fix first: an expected error's "problem: fix" as "Fix: problem"."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     if isinstance(error, USER_ERRORS) and text:
-        return f"Could not explain the region: {text[0].lower()}{text[1:]}"
+        problem, _, fix = text.partition(": ")
+        return f"{capitalised(fix)}: {problem}." if fix else f"{capitalised(text)}."
     return f"The run failed unexpectedly ({type(error).__name__}: {error}); details are in the log."
 
 
 def finish_in_worker(job, *steps):
     """Worker body: the job's progress, then ``(result, *(step(result) for step in steps))``.
 
-    The steps (building layer arrays, drawing plots) run here, off the GUI thread.
+    The model runs with :func:`~napari_pdcr.models.devices.worker_cpu_threads` PyTorch
+    threads (a core stays free for napari's event loop); the steps (building layer
+    arrays, drawing plots) run here too, off the GUI thread.
     """
-    result = yield from job.iter_run()
-    return (result, *(step(result) for step in steps))
+    with torch_threads(worker_cpu_threads()):
+        result = yield from job.iter_run()
+        return (result, *(step(result) for step in steps))
+
+
+def plot_theme(viewer) -> dict:
+    """The viewer's theme colours for matplotlib (napari-matplotlib's conventions): background, text, axes."""
+    theme = get_theme(viewer.theme)
+    return {
+        "background": theme.background.as_hex(),
+        "text": theme.text.as_hex(),
+        "grid": theme.foreground.as_hex(),
+    }
 
 
 def check_shape(mask: np.ndarray, image, what: str) -> None:
@@ -82,9 +117,9 @@ def check_shape(mask: np.ndarray, image, what: str) -> None:
 class LayerChoice(QComboBox):
     """Combo box of the viewer's layers of one type, after optional fixed entries."""
 
-    def __init__(self, viewer, layer_type, fixed: tuple[str, ...] = (), tooltip: str = ""):
+    def __init__(self, viewer, layer_type, fixed: tuple[str, ...] = (), tooltip: str = "", preferred: str = ""):
         super().__init__()
-        self.viewer, self.layer_type, self.fixed = viewer, layer_type, fixed
+        self.viewer, self.layer_type, self.fixed, self.preferred = viewer, layer_type, fixed, preferred
         self.setToolTip(tooltip)
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
@@ -93,6 +128,8 @@ class LayerChoice(QComboBox):
     def refresh(self) -> None:
         current = self.currentText()
         names = [*self.fixed, *(layer.name for layer in self.viewer.layers if isinstance(layer, self.layer_type))]
+        if self.preferred in names and (not current or current in self.fixed):
+            current = self.preferred  # a fixed placeholder gives way to the layer it stands for
         self.blockSignals(True)
         self.clear()
         self.addItems(names)
@@ -150,6 +187,30 @@ def form_group(title: str) -> tuple[QGroupBox, QFormLayout]:
     return group, QFormLayout(group)
 
 
+def collapsible(title: str, body: QWidget, expanded: bool = False) -> QWidget:
+    """``body`` under a ``title`` button (an arrow) that shows or hides it; collapsed by default."""
+    section = QWidget()
+    layout = QVBoxLayout(section)
+    layout.setContentsMargins(0, 0, 0, 0)
+    toggle = QToolButton()
+    toggle.setText(title)
+    toggle.setCheckable(True)
+    toggle.setChecked(expanded)
+    toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+    toggle.setStyleSheet("QToolButton { border: none; font-weight: bold; }")
+
+    def show(on: bool) -> None:
+        toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        body.setVisible(on)
+
+    toggle.toggled.connect(show)
+    show(expanded)
+    layout.addWidget(toggle)
+    layout.addWidget(body)
+    section.toggle = toggle
+    return section
+
+
 def scrolled(widget: QWidget) -> QScrollArea:
     """``widget`` in a vertical scroll area (no horizontal scroll bar)."""
     area = QScrollArea()
@@ -162,11 +223,13 @@ def scrolled(widget: QWidget) -> QScrollArea:
 class DockWidget(BackgroundRun, QWidget):
     """Base of the dock widgets: model and device rows, tabs, Run / Cancel / progress, result, saving.
 
-    A subclass builds its setup groups with the ``add_*_rows`` methods, its own rows and
-    :meth:`parameter_group`, passes them to :meth:`assemble`, and implements
-    ``add_method_rows(form)``, ``_on_intervention_changed(name)``, ``run()`` (with
-    :meth:`start_run`) and ``_on_returned(result)`` (which calls :meth:`present`).
-    :attr:`result` is the latest result, saved by :meth:`save_result`.
+    A subclass builds its setup groups with the ``add_*_row(s)`` methods and its own rows,
+    ends them with :meth:`advanced_section` (collapsed), passes them to :meth:`assemble`,
+    and implements ``_on_intervention_changed(name)``, ``run()`` (with :meth:`start_run`),
+    ``_on_returned(result)`` (which calls :meth:`present`), ``summary_text(result)`` and
+    ``render_figure(result, width_px, scale, theme)``; :attr:`RESULT_KIND` is the kind of
+    explanation it shows (also one reopened from a store). :attr:`result` is the latest
+    result, saved by :meth:`save_result`.
     """
 
     #: Title, file name and suffix of the save dialog.
@@ -185,8 +248,9 @@ class DockWidget(BackgroundRun, QWidget):
 
     # ------------------------------------------------------------------ layout
     def add_image_and_model_rows(self, form: QFormLayout) -> None:
-        """Add the Image, Model, model file, Trust and Device rows to ``form``."""
+        """Add the Image, Model, model file and Trust rows to ``form`` (the model follows the image)."""
         self.image_choice = LayerChoice(self.viewer, Image, tooltip="The image layer to explain.")
+        self.image_choice.currentTextChanged.connect(self._on_image_changed)
         form.addRow("Image", self.image_choice)
         self.model_choice = combo_box(
             [*demo_model_names(), MODEL_FILE],
@@ -207,6 +271,9 @@ class DockWidget(BackgroundRun, QWidget):
         self.trusted = QCheckBox("Trust this file (it may run code)")
         self.trusted.setToolTip("Allow formats that execute code when loaded (pickles). Only for files you trust.")
         form.addRow(self.trusted)
+
+    def add_device_row(self, form: QFormLayout) -> None:
+        """Add the Device row (and the label saying where the model runs)."""
         self.device = combo_box(
             DEVICE_CHOICES,
             "Where the model runs: auto picks cuda, then mps, then cpu.",
@@ -231,20 +298,18 @@ class DockWidget(BackgroundRun, QWidget):
         self.reference_value = spin_box(0, 0, 2**31 - 1, "Label value of the reference (0: every non-zero label).")
         form.addRow("Reference value", self.reference_value)
 
-    def parameter_group(self) -> QGroupBox:
-        """The "Intervention and parameters" group: intervention, bank, the method's rows, outcome, draws.
-
-        Built from :attr:`INTERVENTIONS`, :attr:`INTERVENTION_HELP`, :attr:`BANK_LABEL`,
-        :attr:`BANK_HELP` and the subclass's ``add_method_rows(form)``.
-        """
-        group, form = form_group("Intervention and parameters")
+    def add_intervention_row(self, form: QFormLayout) -> None:
+        """Add the Intervention row (from :attr:`INTERVENTIONS` and :attr:`INTERVENTION_HELP`)."""
         self.intervention = combo_box(
             self.INTERVENTIONS, self.INTERVENTION_HELP, on_change=self._on_intervention_changed
         )
         form.addRow("Intervention", self.intervention)
+
+    def add_estimator_rows(self, form: QFormLayout) -> None:
+        """Add the bank, the subclass's ``add_advanced_rows(form)``, outcome, temperature, draws, tau and seed."""
         self.bank_choice = LayerChoice(self.viewer, Image, fixed=(BUNDLED_BANK,), tooltip=self.BANK_HELP)
         form.addRow(self.BANK_LABEL, self.bank_choice)
-        self.add_method_rows(form)
+        self.add_advanced_rows(form)
         node = self.NODE
         self.outcome = combo_box(
             OUTCOME_KINDS,
@@ -267,7 +332,21 @@ class DockWidget(BackgroundRun, QWidget):
         form.addRow("Tau", self.tau)
         self.seed = spin_box(0, 0, 2**31 - 1, "Seed of every random draw: same seed, same result.")
         form.addRow("Seed", self.seed)
-        return group
+
+    def add_advanced_rows(self, form: QFormLayout) -> None:
+        """A subclass's own rows of the Advanced section (after the bank)."""
+
+    def advanced_section(self, extra_rows=None) -> QWidget:
+        """The collapsed "Advanced" section: device, reference, bank, outcome, draws, tau, seed, ``extra_rows(form)``."""
+        body, form = form_group("")
+        body.setFlat(True)
+        self.add_device_row(form)
+        self.add_reference_rows(form)
+        self.add_estimator_rows(form)
+        if extra_rows is not None:
+            extra_rows(form)
+        self.advanced = collapsible("Advanced", body)
+        return self.advanced
 
     def estimator_parameters(self) -> dict:
         """The draws, tau, seed and device chosen in the rows added here."""
@@ -280,7 +359,10 @@ class DockWidget(BackgroundRun, QWidget):
         }
 
     def assemble(self, groups: list[QWidget], run_tooltip: str) -> None:
-        """Lay out the Setup tab (``groups``), the Results tab and the run section; watch the layers."""
+        """Lay out the Setup tab (``groups``), the Results tab and the run section; watch the layers.
+
+        Results already in the viewer (e.g. opened from a store) are shown in the Results tab.
+        """
         setup = QWidget()
         layout = QVBoxLayout(setup)
         for group in groups:
@@ -301,9 +383,20 @@ class DockWidget(BackgroundRun, QWidget):
         for layer in self.viewer.layers:
             layer.events.name.connect(self._refresh_layers)
         self.viewer.layers.events.inserted.connect(self._watch_name)
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self._on_model_changed(self.model_choice.currentText())
+        self._on_image_changed(self.image_choice.currentText())
         self._on_intervention_changed(self.intervention.currentText())
         self._update_device_label()
+        found = [e for e in map(self.result_of_layer, self.viewer.layers) if e is not None]
+        for layer in self.viewer.layers:
+            self.show_colorbar(layer)
+        if found:
+            self.show_result(found[-1])
+        # Objects alive now (napari, torch, the data) leave the cyclic garbage collector's
+        # full passes, which would otherwise take ~0.5 s on the GUI thread after a run.
+        gc.collect()
+        gc.freeze()
 
     def _results_page(self) -> QWidget:
         page = QWidget()
@@ -357,6 +450,18 @@ class DockWidget(BackgroundRun, QWidget):
 
     def _watch_name(self, event) -> None:
         event.value.events.name.connect(self._refresh_layers)
+
+    def _on_image_changed(self, name: str) -> None:
+        """Choose a demo model of the image's dimensionality when the chosen demo model does not fit it."""
+        image = self.image_choice.layer()
+        model = self.model_choice.currentText()
+        if image is None or demo_model_dims(model) is None:
+            return
+        dims = len(image_spatial_shape(image))
+        if demo_model_dims(model) != dims:
+            fitting = [name for name in demo_model_names() if demo_model_dims(name) == dims]
+            if fitting:
+                self.model_choice.setCurrentText(fitting[0])
 
     def _on_model_changed(self, name: str) -> None:
         is_file = name == MODEL_FILE
@@ -441,6 +546,7 @@ class DockWidget(BackgroundRun, QWidget):
         except USER_ERRORS as error:
             self.report_error(error)
             return
+        gc.freeze()  # see assemble(): what exists now needs no full collection during the run
         self.start_worker(function, prepared, *args, loading_text=loading_text, on_returned=on_returned)
 
     def start_run(self, make_job, *steps, loading_text: str) -> None:
@@ -450,7 +556,74 @@ class DockWidget(BackgroundRun, QWidget):
         """
         self.start_task(make_job, finish_in_worker, *steps, loading_text=loading_text)
 
+    # ------------------------------------------------------------------ region layer
+    def paint_region_layer(self, image) -> Labels:
+        """The 'target region' labels layer over ``image`` (created if missing), in paint mode, label 1."""
+        shape = image_spatial_shape(image)
+        layer = next(
+            (lyr for lyr in self.viewer.layers if isinstance(lyr, Labels) and lyr.name == REGION_LAYER_NAME and lyr.data.shape == shape),
+            None,
+        )
+        if layer is None:
+            geometry = layer_geometry(image)
+            layer = self.viewer.add_labels(
+                np.zeros(shape, dtype=np.uint8),
+                name=REGION_LAYER_NAME,
+                scale=geometry["scale"],
+                translate=geometry["translate"],
+                colormap=DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: REGION_COLOR}),
+                opacity=0.7,
+            )
+        layer.selected_label = 1
+        layer.brush_size = max(3, min(shape[-2:]) // 20)
+        self.viewer.layers.selection.active = layer
+        layer.mode = "paint"
+        return layer
+
+    def prompt_to_paint(self) -> None:
+        """Create the region layer over the chosen image and ask the person to paint it (first Run without one)."""
+        layer = self.paint_region_layer(self.chosen_image())
+        show_info(
+            f"Paint the target region, then press Run: the labels layer '{layer.name}' is ready in paint mode "
+            "(or choose a labels layer under Target region)."
+        )
+
     # ------------------------------------------------------------------ results
+    #: The kind of explanation this dock shows (a subclass of Explanation).
+    RESULT_KIND = object
+
+    def result_of_layer(self, layer):
+        """The explanation of :attr:`RESULT_KIND` a layer carries (a napari-pdcr result layer), else None."""
+        return explanation_from_layer(layer, self.RESULT_KIND)
+
+    def _on_layer_inserted(self, event) -> None:
+        """A result layer came in: an ATE map gets its colour bar; a result made elsewhere is shown."""
+        layer = event.value
+        result = self.result_of_layer(layer)
+        self.show_colorbar(layer)
+        if result is not None and result is not self.result and self.worker is None:
+            self.show_result(result)
+
+    def show_colorbar(self, layer) -> None:
+        """Show napari's colour bar (in the outcome's units) on an ATE map of :attr:`RESULT_KIND`."""
+        if self.result_of_layer(layer) is not None and layer.metadata[METADATA_KEY]["role"] == "ate":
+            layer.colorbar.visible = True
+
+    def figure_step(self):
+        """``render_figure`` for this dock's width, pixel ratio and napari theme: ``step(result) -> Figure``."""
+        return partial(self.render_figure, width_px=self.plot_width(), scale=self.devicePixelRatioF(),
+                       theme=plot_theme(self.viewer))
+
+    def show_result(self, result) -> None:
+        """Show a result made elsewhere (a reopened store, the console): plots drawn in a thread, then shown."""
+        self.result = result
+        self.summary.setText(self.summary_text(result))
+        worker = create_worker(self.figure_step(), result, _start_thread=False)
+        worker.returned.connect(lambda figure: self.present(result, self.summary_text(result), figure)
+                                if self.result is result else None)
+        self._plot_worker = worker  # kept alive until it returns
+        worker.start()
+
     def present(self, result, summary: str, figure) -> None:
         """Make ``result`` the latest: show its summary and plot (a drawn Figure) in the Results tab."""
         self.result = result

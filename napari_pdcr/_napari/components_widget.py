@@ -10,8 +10,6 @@ so it is saved with that region explanation; "Save result…" writes it on its o
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 from napari.layers import Labels, Shapes
 from napari.utils.notifications import show_error
@@ -19,6 +17,8 @@ from qtpy.QtGui import QFont
 from qtpy.QtWidgets import QGroupBox, QPlainTextEdit, QPushButton
 
 from napari_pdcr._napari.base_widget import (
+    PAINT_REGION,
+    REGION_LAYER_NAME,
     DockWidget,
     LayerChoice,
     combo_box,
@@ -32,9 +32,9 @@ from napari_pdcr._napari.plots import render_component_plot
 from napari_pdcr.components import (
     ACTIVATION_INTERVENTIONS,
     GRANULARITIES,
-    ComponentExplanation,
     format_components,
 )
+from napari_pdcr.explanations import ComponentExplanation, RegionExplanation
 from napari_pdcr.jobs import ComponentJob, channel_layer_names
 from napari_pdcr.outcomes import Outcome
 
@@ -48,6 +48,7 @@ class ComponentsWidget(DockWidget):
     """Explain which network components a model's output in a region relies on."""
 
     SAVE_DIALOG = ("Save component effects", "components", ".npz")
+    RESULT_KIND = ComponentExplanation
     NODE, INTERVENTIONS = "component", ACTIVATION_INTERVENTIONS
     INTERVENTION_HELP = (
         "resample: the component's activation on another image (natural); zero: ablation; "
@@ -57,7 +58,7 @@ class ComponentsWidget(DockWidget):
 
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
-        groups = [self._inputs_group(), self._components_group(), self.parameter_group()]
+        groups = [self._inputs_group(), self._components_group(), self.advanced_section()]
         self.assemble(groups, "Estimate every component's effect in the background.")
         self._on_granularity_changed(self.granularity.currentText())
 
@@ -66,13 +67,14 @@ class ComponentsWidget(DockWidget):
         group, form = form_group("Image, model and region")
         self.add_image_and_model_rows(form)
         self.region_choice = LayerChoice(
-            self.viewer, (Labels, Shapes), tooltip="Labels layer (non-zero voxels, or the label value below) "
-            "or shapes layer (rectangles) holding the target region."
+            self.viewer, (Labels, Shapes), fixed=(PAINT_REGION,), preferred=REGION_LAYER_NAME,
+            tooltip=f"Labels layer (the label value below) or shapes layer (rectangles) holding the target region; "
+            f"by default the '{REGION_LAYER_NAME}' layer you paint (created on the first Run).",
         )
         form.addRow("Region", self.region_choice)
-        self.region_value = spin_box(0, 0, 2**31 - 1, "Label value of the region (0: every non-zero label).")
+        self.region_value = spin_box(1, 0, 2**31 - 1, "Label value of the region (0: every non-zero label).")
         form.addRow("Label value", self.region_value)
-        self.add_reference_rows(form)
+        self.add_intervention_row(form)
         return group
 
     def _components_group(self) -> QGroupBox:
@@ -99,7 +101,7 @@ class ComponentsWidget(DockWidget):
         form.addRow(self.listing)
         return group
 
-    def add_method_rows(self, form) -> None:
+    def add_advanced_rows(self, form) -> None:
         self.n_bank = spin_box(
             16, 1, 1000, "At most this many bank images (evenly spaced); each keeps its activations in memory."
         )
@@ -173,36 +175,53 @@ class ComponentsWidget(DockWidget):
         )
 
     def run(self) -> None:
-        """Start a run in a background worker (refused while one is going)."""
+        """Start a run in a background worker (refused while one is going).
+
+        Without a region yet (the default), the 'target region' layer is created in
+        paint mode and nothing runs: paint it, then press Run again.
+        """
+        if self.region_choice.layer() is None and self.worker is None and self.image_choice.layer() is not None:
+            self.prompt_to_paint()
+            return
         self.start_run(
             self.make_job,
-            partial(render_component_plot, width_px=self.plot_width(), scale=self.devicePixelRatioF()),
+            self.figure_step(),
             loading_text="loading the model and bank activations…",
         )
 
+    @staticmethod
+    def render_figure(result, width_px: int, scale: float, theme: dict):
+        return render_component_plot(result, width_px=width_px, scale=scale, theme=theme)
+
     def _on_returned(self, returned) -> None:
         result, figure = returned
+        self.result = result
         attached = self.attach_to_explanations(result)
+        summary = self.summary_text(result) + (
+            f" Attached to {attached} result layer(s): saved with them." if attached else ""
+        )
+        self.present(result, summary, figure)
+
+    def summary_text(self, result) -> str:
+        """The Results tab's summary of a component result."""
         top = result.table()[0]
-        summary = (
+        return (
             f"<b>{result.model_identity.get('name', 'model')}</b>, {len(result.components)} components, "
             f"{result.parameters['intervention']['name']} intervention: largest effect "
             f"<b>{top['name']}</b> ({top['ate']:+.2f} ± {1.96 * top['standard_error']:.2f}). "
             f"{result.forward_passes} forward passes, {result.timings.get('total_s', 0):.1f} s."
-            + (f" Attached to {attached} result layer(s): saved with them." if attached else "")
         )
-        self.present(result, summary, figure)
 
     def attach_to_explanations(self, result: ComponentExplanation) -> int:
         """Put ``result`` into the extras of region explanations of the same model and region."""
         seen = []
         for layer in self.viewer.layers:
-            explanation = explanation_from_layer(layer)
+            explanation = explanation_from_layer(layer, RegionExplanation)
             if explanation is None or any(explanation is e for e in seen):
                 continue
             same_model = explanation.model_identity.get("sha256") == result.model_identity.get("sha256")
             if same_model and np.array_equal(explanation.target_region, result.target_region):
-                explanation.extras.update(result.to_extras())
+                explanation.related["components"] = result
                 seen.append(explanation)
         return len(seen)
 

@@ -1,4 +1,4 @@
-"""A :class:`~napari_pdcr.explanation.RegionExplanation` as napari layers.
+"""Explanations as napari LayerData ``(data, kwargs, type)``: region maps and component results.
 
 The ATE map is an Image layer with a diverging colormap centred on 0 (negative effects
 red, positive blue, zero transparent), symmetric contrast limits, translucent over the
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.colors import to_rgba
-from napari.layers import Layer
 from napari.utils.colormaps import Colormap, DirectLabelColormap
 from scipy import ndimage
 
-from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.explanations import ComponentExplanation, Explanation, RegionExplanation
 from napari_pdcr.plotting.style import (
     CENTRE_COLOR,
     NEGATIVE_COLOR,
@@ -53,29 +52,30 @@ def effect_colormap() -> Colormap:
     return Colormap(colors=rgba, controls=controls, name=EFFECT_COLORMAP_NAME)
 
 
-def default_name(explanation: RegionExplanation) -> str:
-    """``"<model> ATE"`` plus the target layer's name when the run recorded one."""
+def default_name(explanation: Explanation) -> str:
+    """``"<model> ATE"`` (``"<model> components"``) plus the target layer's name when the run recorded one."""
     model = explanation.model_identity.get("name", "model")
+    what = "components" if isinstance(explanation, ComponentExplanation) else "ATE"
     target = explanation.provenance.get("target_layer")
-    return f"{model} ATE: {target}" if target else f"{model} ATE"
+    return f"{model} {what}: {target}" if target else f"{model} {what}"
 
 
-def placement(explanation: RegionExplanation, source_layer=None) -> dict:
+def placement(explanation: Explanation, source_layer=None) -> dict:
     """``scale`` and ``translate`` for the result layers.
 
     From ``source_layer`` (its last spatial axes) when given, else from the source
     layer's geometry recorded in the explanation's provenance, else from its spacing.
     """
-    n = len(explanation.spatial_shape)
+    n = explanation.target_region.ndim
     if source_layer is not None:
         return {"scale": tuple(source_layer.scale[-n:]), "translate": tuple(source_layer.translate[-n:])}
     recorded = explanation.provenance.get("source_layer") or {}
-    scale = recorded.get("scale") or explanation.spacing or (1.0,) * n
+    scale = recorded.get("scale") or getattr(explanation, "spacing", None) or (1.0,) * n
     translate = recorded.get("translate") or (0.0,) * n
     return {"scale": tuple(float(s) for s in scale), "translate": tuple(float(t) for t in translate)}
 
 
-def layer_metadata(explanation: RegionExplanation, role: str) -> dict:
+def layer_metadata(explanation: Explanation, role: str) -> dict:
     """The ``metadata`` dict of a result layer (``role``: ate, standard_error, prediction, target_region)."""
     return {
         METADATA_KEY: {
@@ -89,10 +89,10 @@ def layer_metadata(explanation: RegionExplanation, role: str) -> dict:
     }
 
 
-def explanation_from_layer(layer) -> RegionExplanation | None:
-    """The explanation a result layer was made from, or None for any other layer."""
+def explanation_from_layer(layer, kind: type[Explanation] = Explanation) -> Explanation | None:
+    """The explanation (of class ``kind``) a result layer was made from, or None for any other layer."""
     entry = getattr(layer, "metadata", {}).get(METADATA_KEY)
-    if isinstance(entry, dict) and isinstance(entry.get("explanation"), RegionExplanation):
+    if isinstance(entry, dict) and isinstance(entry.get("explanation"), kind):
         return entry["explanation"]
     return None
 
@@ -117,7 +117,23 @@ def _outline_layer(mask, explanation, name, role, color, geometry) -> tuple:
     return outline(mask).astype(np.uint8), kwargs, "labels"
 
 
-def explanation_layer_data(
+def explanation_layer_data(explanation: Explanation, **options) -> list[tuple]:
+    """LayerData of any kind of explanation (see :func:`region_layer_data`, :func:`component_layer_data`)."""
+    if isinstance(explanation, RegionExplanation):
+        return region_layer_data(explanation, **options)
+    if isinstance(explanation, ComponentExplanation):
+        return component_layer_data(explanation, **options)
+    raise TypeError(f"no napari layers are defined for a {type(explanation).__name__}")
+
+
+def component_layer_data(explanation: ComponentExplanation, source_layer=None, name: str | None = None) -> list[tuple]:
+    """The target region's outline, carrying the component result (whose chart the Components dock shows)."""
+    base = name or default_name(explanation)
+    geometry = placement(explanation, source_layer)
+    return [_outline_layer(explanation.target_region, explanation, f"{base} target", "target_region", "lime", geometry)]
+
+
+def region_layer_data(
     explanation: RegionExplanation,
     source_layer=None,
     name: str | None = None,
@@ -175,12 +191,3 @@ def explanation_layer_data(
     if show_target_region:
         layers.append(_outline_layer(explanation.target_region, explanation, f"{base} target", "target_region", "lime", geometry))
     return layers
-
-
-def add_explanation_layers(viewer, explanation: RegionExplanation, **options) -> list[Layer]:
-    """Add an explanation's layers to ``viewer`` and return them.
-
-    ``options`` are those of :func:`explanation_layer_data`; ``source_layer`` is the
-    explained image layer, whose scale and translate the new layers copy.
-    """
-    return [viewer.add_layer(Layer.create(*item)) for item in explanation_layer_data(explanation, **options)]

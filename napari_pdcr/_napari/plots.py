@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -23,34 +24,58 @@ from napari_pdcr.plotting import (
     plot_effect_vs_distance,
     plot_histogram,
 )
-from napari_pdcr.plotting.style import DOCK_STYLE, dock_style
+from napari_pdcr.plotting.style import dock_style
 
 #: Height / width of the region-effects figure.
-ASPECT = 1.9
+ASPECT = 2.1
 #: Components shown in the bar chart, and its height per bar and for title and axis (pixels).
-TOP_COMPONENTS, BAR_PX, FRAME_PX = 20, 18, 110
+TOP_COMPONENTS, BAR_PX, FRAME_PX = 20, 20, 120
+#: Fonts for the docks (points at 100 dpi): readable at the dock's ~300-420 px.
+DOCK_FONTS = {"font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "xtick.labelsize": 8, "ytick.labelsize": 8}
+#: Share of the total |effect| the distance axis must show (it ends where this is reached).
+DISTANCE_COVERAGE = 0.999
 
 
-def render(draw, width_px: int, height_px: int, scale: float = 1.0) -> Figure:
-    """A figure of ``width_px`` x ``height_px`` logical pixels at ``scale`` (HiDPI), drawn by ``draw``."""
+def theme_style(theme: dict | None) -> dict:
+    """matplotlib rc parameters for a napari theme (``plot_theme``'s colours), as napari-matplotlib styles plots."""
+    if not theme:
+        return {}
+    background, text = theme["background"], theme["text"]
+    return {
+        "figure.facecolor": background, "axes.facecolor": background, "savefig.facecolor": background,
+        "text.color": text, "axes.labelcolor": text, "axes.edgecolor": text, "axes.titlecolor": text,
+        "xtick.color": text, "ytick.color": text, "grid.color": theme.get("grid", text),
+        "legend.facecolor": background, "legend.edgecolor": text,
+    }
+
+
+def render(draw, width_px: int, height_px: int, scale: float = 1.0, theme: dict | None = None) -> Figure:
+    """A figure of ``width_px`` x ``height_px`` logical pixels at ``scale`` (HiDPI), drawn by ``draw``.
+
+    ``theme`` (background / text / grid colours) gives napari's look; None: matplotlib's.
+    """
     figure = Figure(figsize=(width_px / 100, height_px / 100), dpi=100 * scale, layout="constrained")
     FigureCanvasAgg(figure)
-    with dock_style():
+    with dock_style(), matplotlib.rc_context({**DOCK_FONTS, **theme_style(theme)}):
+        if theme:
+            figure.set_facecolor(theme["background"])
         draw(figure)
         figure.canvas.draw()
     return figure
 
 
 def _label_bars(ax, fmt: str) -> None:
-    """Write each bar's height above it (small bars next to a big one stay readable)."""
+    """Write each non-empty bar's height above it (small bars next to a big one stay readable)."""
     for bar in ax.patches:
         height = bar.get_height()
+        if height == 0:
+            continue
         ax.annotate(
             fmt.format(height),
             (bar.get_x() + bar.get_width() / 2, height),
             ha="center",
             va="bottom",
-            fontsize=DOCK_STYLE["xtick.labelsize"],
+            fontsize=DOCK_FONTS["xtick.labelsize"] - 1,
             xytext=(0, 1),
             textcoords="offset points",
         )
@@ -66,14 +91,25 @@ def draw_explanation_plots(figure: Figure, explanation) -> None:
     _label_bars(hist_ax, "{:.0f}")
     hist_ax.margins(y=0.15)
     plot_effect_vs_distance(explanation, dist_ax, unit="mm" if explanation.spacing else "voxels")
+    dist_ax.set_xlim(0, distance_extent(explanation))
 
 
-def render_plots(explanation, width_px: int = 360, scale: float = 1.0) -> Figure:
-    """The region-effects plots, ``width_px`` logical pixels wide."""
-    return render(partial(draw_explanation_plots, explanation=explanation), width_px, ASPECT * width_px, scale)
+def distance_extent(explanation) -> float:
+    """Where the distance axis ends: the bin edge by which :data:`DISTANCE_COVERAGE` of the |effect| lies, plus a bin."""
+    curve = explanation.effect_vs_distance()
+    edges, share = np.asarray(curve["bin_edges"]), np.asarray(curve["cumulative_share"])
+    if not np.isfinite(share).any() or share[-1] <= 0:
+        return float(edges[-1])
+    last = int(np.argmax(share >= DISTANCE_COVERAGE * share[-1]))
+    return float(edges[min(last + 2, len(edges) - 1)])
 
 
-def render_component_plot(result, width_px: int = 360, scale: float = 1.0) -> Figure:
+def render_plots(explanation, width_px: int = 360, scale: float = 1.0, theme: dict | None = None) -> Figure:
+    """The region-effects plots, ``width_px`` logical pixels wide, in the viewer's ``theme``."""
+    return render(partial(draw_explanation_plots, explanation=explanation), width_px, ASPECT * width_px, scale, theme)
+
+
+def render_component_plot(result, width_px: int = 360, scale: float = 1.0, theme: dict | None = None) -> Figure:
     """The sorted bar chart of a component-effects result, ``width_px`` logical pixels wide."""
     title = f"{result.model_identity.get('name', 'model')}: base outcome {result.base_outcome:.1f}"
     height = FRAME_PX + BAR_PX * min(len(result.components), TOP_COMPONENTS)
@@ -81,7 +117,7 @@ def render_component_plot(result, width_px: int = 360, scale: float = 1.0) -> Fi
     def draw(figure: Figure) -> None:
         plot_components(result, figure.add_subplot(), top=TOP_COMPONENTS, title=title)
 
-    return render(draw, width_px, height, scale)
+    return render(draw, width_px, height, scale, theme)
 
 
 class EffectPlots(QLabel):

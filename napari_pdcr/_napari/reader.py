@@ -1,8 +1,9 @@
-"""npe2 reader: open a saved explanation store (``*.zarr``) as result layers."""
+"""npe2 reader: open a saved result store (``*.zarr``) of any kind as result layers."""
 
 from __future__ import annotations
 
-from napari_pdcr._napari.layers import explanation_layer_data
+from napari_pdcr._napari.layers import explanation_layer_data, placement
+from napari_pdcr.explanations import RegionExplanation
 from napari_pdcr.io.results import is_explanation_store, load_explanation
 
 
@@ -19,11 +20,30 @@ def get_reader(path):
 
 
 def read_explanation(path) -> list[tuple]:
-    """LayerData of a saved explanation: the ATE map, the prediction and target-region outlines.
+    """LayerData of a saved result: the explained image when the store keeps it, then for a
+    region explanation the ATE map, the prediction and
+    target-region outlines; for a component explanation the target-region outline carrying it.
 
     Raises :class:`~napari_pdcr.io.results.DamagedStoreError` ("this result store is damaged:
     ...") for a damaged store; napari shows that message.
     """
     path = path[0] if isinstance(path, list) else path
     explanation = load_explanation(path)
-    return explanation_layer_data(explanation, show_prediction=True, show_target_region=True)
+    image = image_layer_data(explanation)
+    if isinstance(explanation, RegionExplanation):
+        return image + explanation_layer_data(explanation, show_prediction=True, show_target_region=True)
+    return image + explanation_layer_data(explanation)
+
+
+def image_layer_data(explanation) -> list[tuple]:
+    """The explained image kept in the store (``extras["image"]``, ``S`` or ``(C, *S)``) as a grey layer, or nothing.
+
+    A multi-channel image shows its first channel.
+    """
+    image = explanation.extras.get("image")
+    if image is None:
+        return []
+    spatial = explanation.target_region.ndim
+    image = image if image.ndim == spatial else image[0]
+    name = (explanation.provenance.get("source_layer") or {}).get("name") or "explained image"
+    return [(image, {"name": name, "colormap": "gray", **placement(explanation)}, "image")]

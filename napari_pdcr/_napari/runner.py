@@ -5,6 +5,19 @@ from __future__ import annotations
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_info
 
+#: Stages of a run in order (``Progress.stage``; "prepare" / "refine" belong to the first / last).
+STAGES = {"reach": 1, "prepare": 1, "screen": 2, "coarse screen": 2, "coarse estimate": 2, "estimate": 3, "refine": 3}
+
+
+def progress_text(progress) -> str:
+    """``"stage 2 of 3, screen: 120/450 evaluations · ~40 s left"`` (time left for the whole estimate)."""
+    stage = STAGES.get(progress.stage)
+    where = f"stage {stage} of 3, {progress.stage}" if stage else progress.stage
+    eta = progress.eta_s
+    scope = "" if progress.expected_total else " in this stage"
+    left = "" if eta is None else f" · ~{eta:.0f} s left{scope}" if eta >= 1 else f" · <1 s left{scope}"
+    return f"{where}: {progress.done}/{progress.total} evaluations{left}"
+
 
 class BackgroundRun:
     """Mixin for a dock widget that runs a progress generator in a napari worker.
@@ -58,9 +71,7 @@ class BackgroundRun:
 
     def _on_progress(self, progress) -> None:
         self.progress.setValue(int(1000 * progress.fraction))
-        eta = progress.eta_s
-        left = "" if eta is None else f" · ~{eta:.0f} s left" if eta >= 1 else " · <1 s left"
-        self.progress.setFormat(f"{progress.stage}: {progress.done}/{progress.total} evaluations{left}")
+        self.progress.setFormat(progress_text(progress))
 
     def _on_aborted(self) -> None:
         self.progress.setValue(0)

@@ -12,7 +12,6 @@ from functools import partial
 
 import numpy as np
 from napari.layers import Labels, Layer, Shapes
-from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -26,24 +25,23 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pdcr._napari.base_widget import (
+    PAINT_REGION,
+    REGION_LAYER_NAME,
     DockWidget,
     LayerChoice,
     combo_box,
     form_group,
     spin_box,
 )
-from napari_pdcr._napari.inputs import (
-    image_array,
-    image_spatial_shape,
-    layer_geometry,
-    region_name,
-)
-from napari_pdcr._napari.layers import explanation_layer_data
+from napari_pdcr._napari.inputs import image_array, layer_geometry, region_name
+from napari_pdcr._napari.layers import METADATA_KEY, explanation_layer_data
 from napari_pdcr._napari.plots import render_plots
+from napari_pdcr.explanations import RegionExplanation
 from napari_pdcr.jobs import ExplainJob
 
-REGION_LAYER_NAME = "target region"
-REGION_COLOR = "lime"
+#: Units of each outcome's effects (the colour bar's and the plots' unit).
+OUTCOME_UNITS = {"dice": "Dice points", "soft_dice": "soft-Dice points", "mean_probability": "probability points",
+                 "mean_logit": "logits"}
 
 
 class RegionEffectsWidget(DockWidget):
@@ -56,6 +54,7 @@ class RegionEffectsWidget(DockWidget):
         "What replaces a block: patch_bank = crops of other images (published); zero / mean / blur / "
         "noise need no other images."
     )
+    RESULT_KIND = RegionExplanation
     BANK_LABEL = "Patch bank"
     BANK_HELP = (
         "Other images to crop patches from: the bundled samples (2D: other Colin27 slices; "
@@ -65,13 +64,15 @@ class RegionEffectsWidget(DockWidget):
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
         self.picked_point: tuple[float, ...] | None = None
-        groups = [self._model_group(), self._region_group(), self.parameter_group(), self._layers_group()]
+        self.job: ExplainJob | None = None
+        groups = [self._model_group(), self._region_group(), self._method_group(),
+                  self._temperature_group(), self.advanced_section(self._add_layer_rows)]
         self.assemble(groups, "Compute the ATE map in the background.")
         self._on_region_kind_changed(self.region_kind.currentText())
 
     @property
     def explanation(self):
-        """The latest :class:`~napari_pdcr.explanation.RegionExplanation` (None before a run)."""
+        """The latest :class:`~napari_pdcr.explanations.region.RegionExplanation` (None before a run)."""
         return self.result
 
     # ------------------------------------------------------------------ layout
@@ -101,7 +102,11 @@ class RegionEffectsWidget(DockWidget):
         self.labels_box = QWidget()
         labels_form = QFormLayout(self.labels_box)
         labels_form.setContentsMargins(0, 0, 0, 0)
-        self.region_labels = LayerChoice(self.viewer, Labels, tooltip="The labels layer holding the target region.")
+        self.region_labels = LayerChoice(
+            self.viewer, Labels, fixed=(PAINT_REGION,), preferred=REGION_LAYER_NAME,
+            tooltip=f"The labels layer holding the target region; by default the '{REGION_LAYER_NAME}' layer you "
+            "paint (created on the first Run).",
+        )
         labels_form.addRow("Labels", self.region_labels)
         self.region_value = spin_box(1, 0, 2**31 - 1, "Label value of the region (0: every non-zero label).")
         labels_form.addRow("Label value", self.region_value)
@@ -126,11 +131,11 @@ class RegionEffectsWidget(DockWidget):
         )
         shapes_form.addRow("Shapes", self.region_shapes)
         form.addRow(self.shapes_box)
-
-        self.add_reference_rows(form)
         return group
 
-    def add_method_rows(self, form) -> None:
+    def _method_group(self) -> QGroupBox:
+        group, form = form_group("Intervention")
+        self.add_intervention_row(form)
         self.block_size = spin_box(8, 1, 256, "Block edge in pixels/voxels: the map's resolution (smaller = slower).")
         form.addRow("Block size", self.block_size)
         self.mode = combo_box(
@@ -139,16 +144,99 @@ class RegionEffectsWidget(DockWidget):
             "fast: also stops drawing once a block's standard error is small (approximate).",
         )
         form.addRow("Mode", self.mode)
+        return group
 
-    def _layers_group(self) -> QGroupBox:
-        group, form = form_group("Result layers")
+    # ------------------------------------------------------------------ temperature (issue 14)
+    def _temperature_group(self) -> QGroupBox:
+        """Fit the model's temperature on a labels layer (in a worker) and explain at it."""
+        group, form = form_group("Temperature")
+        self.calibrated_label = QLabel("calibrated T = not fitted")
+        self.calibrated_label.setWordWrap(True)
+        form.addRow(self.calibrated_label)
+        self.calibration_labels = LayerChoice(
+            self.viewer, Labels, tooltip="Labels of the structure (e.g. the sample's brain mask) to fit T on: "
+            "every pixel of the image counts, labelled = foreground.", preferred="colin27_slice brain mask",
+        )
+        self.fit_temperature_button = QPushButton("Fit T")
+        self.fit_temperature_button.setToolTip("Fit the temperature minimising the per-pixel NLL of these labels.")
+        self.fit_temperature_button.clicked.connect(self.fit_temperature)
+        row = QHBoxLayout()
+        row.addWidget(self.calibration_labels, 1)
+        row.addWidget(self.fit_temperature_button)
+        form.addRow("Labels", row)
+        self.at_calibrated = QCheckBox("Soft outcomes at the calibrated temperature")
+        self.at_calibrated.setToolTip("Set the outcome's temperature to the fitted T (Advanced > Temperature).")
+        self.at_calibrated.setEnabled(False)
+        self.at_calibrated.toggled.connect(self._use_calibrated_temperature)
+        form.addRow(self.at_calibrated)
+        self.calibrated_temperature: float | None = None
+        self.model_choice.currentTextChanged.connect(lambda _: self._show_temperature_fit(None))
+        return group
+
+    def fit_temperature(self) -> None:
+        """Fit the chosen model's temperature on the chosen labels over the chosen image, in a worker."""
+        from napari_pdcr._napari.base_widget import check_shape
+        from napari_pdcr._napari.inputs import region_mask
+
+        def prepare():
+            image, labels = self.chosen_image(), self.calibration_labels.layer()
+            if labels is None:
+                raise ValueError("choose a labels layer to fit the temperature on (e.g. the sample's brain mask)")
+            mask = region_mask(labels, image)
+            check_shape(mask, image, f"labels {labels.name!r}")
+            return self.chosen_model(), np.array(image_array(image), dtype=np.float32), mask, self.trusted.isChecked()
+
+        self.start_task(prepare, self._fit_in_worker, loading_text="fitting the temperature…",
+                        on_returned=self._show_temperature_fit)
+
+    @staticmethod
+    def _fit_in_worker(prepared):
+        """Worker body: load the model, fit T (progress per forward pass), store it in the model's description."""
+        from napari_pdcr.calibration import iter_fit_temperature, store_temperature
+        from napari_pdcr.jobs import model_input, resolve_model
+        from napari_pdcr.models.devices import torch_threads, worker_cpu_threads
+
+        model_spec, image, mask, trusted = prepared
+        with torch_threads(worker_cpu_threads()):
+            model = resolve_model(model_spec, trusted)
+            fit = yield from iter_fit_temperature(model, model_input(image, model), mask)
+        store_temperature(model, fit)
+        return fit
+
+    def _show_temperature_fit(self, fit) -> None:
+        """Show a fit (None: forget it, the model changed)."""
+        self.calibrated_temperature = None if fit is None else fit.temperature
+        self.at_calibrated.setEnabled(fit is not None)
+        if fit is None:
+            self.at_calibrated.setChecked(False)
+            self.calibrated_label.setText("calibrated T = not fitted")
+            return
+        self.calibrated_label.setText(
+            f"calibrated T = {fit.temperature:.3f} ({fit.n_pixels:,} pixels; NLL {fit.before.nll:.3f} → "
+            f"{fit.after.nll:.3f}, ECE {100 * fit.before.ece:.1f}% → {100 * fit.after.ece:.1f}%)"
+        )
+        self.progress.setFormat(f"calibrated T = {fit.temperature:.3f}")
+        self._use_calibrated_temperature(self.at_calibrated.isChecked())
+
+    def _use_calibrated_temperature(self, on: bool) -> None:
+        if on and self.calibrated_temperature is not None:
+            self.temperature.setValue(self.calibrated_temperature)
+        self.temperature.setEnabled(not on)
+
+    def _add_layer_rows(self, form) -> None:
         self.show_se = QCheckBox("Standard-error map")
         self.show_se.setToolTip("Also add the standard error of each block's effect (hidden layer).")
         self.show_prediction = QCheckBox("Prediction outline")
         self.show_prediction.setToolTip("Also add the outline of the model's prediction.")
+        self.replace_previous = QCheckBox("Replace the previous result")
+        self.replace_previous.setToolTip("Remove the previous result layers of this image (else they are hidden).")
+        self.keep_image = QCheckBox("Keep the image with the result")
+        self.keep_image.setToolTip("Save the explained image in the result store, so that it reopens under the map.")
+        self.keep_image.setChecked(True)
         form.addRow("Also add", self.show_se)
         form.addRow("", self.show_prediction)
-        return group
+        form.addRow("", self.replace_previous)
+        form.addRow("", self.keep_image)
 
     # ------------------------------------------------------------------ reactions
     def _on_region_kind_changed(self, kind: str) -> None:
@@ -160,30 +248,12 @@ class RegionEffectsWidget(DockWidget):
 
     # ------------------------------------------------------------------ region tools
     def brush_region(self) -> Labels | None:
-        """Create or select the '{REGION_LAYER_NAME}' labels layer over the image and start painting."""
+        """Create or select the 'target region' labels layer over the image and start painting."""
         image = self.image_choice.layer()
         if image is None:
             show_error("Open or choose an image layer first: the region is painted over it.")
             return None
-        shape = image_spatial_shape(image)
-        layer = next(
-            (lyr for lyr in self.viewer.layers if isinstance(lyr, Labels) and lyr.name == REGION_LAYER_NAME and lyr.data.shape == shape),
-            None,
-        )
-        if layer is None:
-            geometry = layer_geometry(image)
-            layer = self.viewer.add_labels(
-                np.zeros(shape, dtype=np.uint8),
-                name=REGION_LAYER_NAME,
-                scale=geometry["scale"],
-                translate=geometry["translate"],
-                colormap=DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: REGION_COLOR}),
-                opacity=0.7,
-            )
-        layer.selected_label = 1
-        layer.brush_size = max(3, min(shape[-2:]) // 20)
-        self.viewer.layers.selection.active = layer
-        layer.mode = "paint"
+        layer = self.paint_region_layer(image)
         self.region_kind.setCurrentText("labels")
         self.region_labels.select(layer.name)
         self.region_value.setValue(1)
@@ -247,7 +317,7 @@ class RegionEffectsWidget(DockWidget):
         if self.region_kind.currentText() == "labels":
             labels = self.region_labels.layer()
             if labels is None:
-                raise ValueError("there is no target region: press 'Brush region' and paint, or choose a labels layer")
+                raise ValueError("there is no target region: press Run to create one, paint it, or choose a labels layer")
             value = self.region_value.value()
             point = self.picked_point if self.use_component.isChecked() else None
             if self.use_component.isChecked() and point is None:
@@ -261,31 +331,67 @@ class RegionEffectsWidget(DockWidget):
     def _checked_job(self) -> ExplainJob:
         job = self.make_job()
         job.check()
+        self.job = job
         return job
 
     def run(self) -> None:
-        """Start a run in a background worker (refused while one is going)."""
+        """Start a run in a background worker (refused while one is going).
+
+        Without a region yet (the default), the 'target region' layer is created
+        in paint mode and nothing runs: paint it, then press Run again.
+        """
+        painting = self.region_kind.currentText() == "labels" and self.region_labels.layer() is None
+        if painting and self.worker is None and self.image_choice.layer() is not None:
+            self.brush_region()
+            self.prompt_to_paint()
+            return
         options = {"show_standard_error": self.show_se.isChecked(), "show_prediction": self.show_prediction.isChecked()}
         self.start_run(
             self._checked_job,
             partial(explanation_layer_data, **options),
-            partial(render_plots, width_px=self.plot_width(), scale=self.devicePixelRatioF()),
+            self.figure_step(),
             loading_text="loading the model…",
         )
 
+    @staticmethod
+    def render_figure(explanation, width_px: int, scale: float, theme: dict):
+        return render_plots(explanation, width_px=width_px, scale=scale, theme=theme)
+
+    def previous_results(self, image_name: str) -> list[Layer]:
+        """Result layers (of any run) over the image layer named ``image_name``."""
+        return [
+            layer for layer in self.viewer.layers
+            if self.result_of_layer(layer) is not None
+            and (layer.metadata[METADATA_KEY]["provenance"].get("source_layer") or {}).get("name") == image_name
+        ]
+
     def _on_returned(self, result) -> None:
-        """Add the result layers, then show the summary and the plots in the Results tab."""
+        """Hide (or remove) the image's previous result, add the new layers with a colour bar, show the plots."""
         explanation, layer_data, figure = result
-        for item in layer_data:
+        self.result = explanation  # before the layers go in: they carry it (see _on_layer_inserted)
+        if self.job is not None and self.keep_image.isChecked():
+            explanation.extras["image"] = np.asarray(self.job.image, dtype=np.float32)
+        image_name = (explanation.provenance.get("source_layer") or {}).get("name")
+        for layer in self.previous_results(image_name):
+            if self.replace_previous.isChecked():
+                self.viewer.layers.remove(layer)
+            else:
+                layer.visible = False
+        for item in layer_data:  # the ATE map gets its colour bar in _on_layer_inserted
             self.viewer.add_layer(Layer.create(*item))
+        self.present(explanation, self.summary_text(explanation), figure)
+
+    def summary_text(self, explanation) -> str:
+        """The Results tab's summary of a region explanation (with the colour bar's unit)."""
         counts = explanation.counts()
-        summary = (
+        kind = explanation.parameters.get("outcome", {}).get("kind", "outcome")
+        return (
             f"<b>{explanation.model_identity.get('name', 'model')}</b> on "
             f"{explanation.provenance.get('target_layer') or 'the region'}: "
-            f"{explanation.parameters.get('outcome', {}).get('kind', 'outcome')} without intervention "
+            f"{kind} without intervention "
             f"{explanation.base_outcome:.1f}. Blocks: {counts['negative']} negative (supported it), "
             f"{counts['positive']} positive (hurt it), {counts['zero']} zero. "
             f"{explanation.forward_passes} forward passes on {explanation.parameters.get('device', '?')}, "
-            f"{explanation.timings.get('total_s', 0):.1f} s."
+            f"{explanation.timings.get('total_s', 0):.1f} s. Colour bar: the effect in "
+            f"{OUTCOME_UNITS.get(kind, 'outcome units')} (red: the block supported the outcome)."
         )
-        self.present(explanation, summary, figure)

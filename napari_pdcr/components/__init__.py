@@ -1,11 +1,12 @@
-"""Network-component effects: interventions on the output activations of a model's modules.
+"""Network components as nodes: what a component is, what replaces its activation, the node set.
 
-``ComponentEffects(model).attribute(image, target_region, bank_images=...)`` gives the ATE
-of every component (stage, block, skip connection, or channel of one layer) on the same
-outcomes as region effects, through the same estimator. See ``docs/components.md``.
+The method is :class:`~napari_pdcr.methods.ComponentEffects` and its result
+:class:`~napari_pdcr.explanations.ComponentExplanation`; this package holds what they
+intervene on: the enumeration of stages, blocks, skip connections and channels
+(:mod:`.enumerate`), activation interventions (:mod:`.interventions`) and the nodes the
+estimator runs (:mod:`.nodes`). See ``docs/components.md``.
 """
 
-from napari_pdcr.components.effects import ComponentEffects
 from napari_pdcr.components.enumerate import (
     GRANULARITIES,
     Component,
@@ -13,7 +14,6 @@ from napari_pdcr.components.enumerate import (
     enumerate_components,
     format_components,
 )
-from napari_pdcr.components.explanation import ComponentExplanation
 from napari_pdcr.components.interventions import (
     ACTIVATION_INTERVENTIONS,
     ActivationIntervention,
@@ -30,8 +30,6 @@ __all__ = [
     "GRANULARITIES",
     "ActivationIntervention",
     "Component",
-    "ComponentEffects",
-    "ComponentExplanation",
     "ComponentNodes",
     "MeanActivation",
     "NoiseActivation",

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from napari_pdcr.engine.estimator import NodeSet, halved_batch_size
-from napari_pdcr.engine.scoring import RegionScoring
+from napari_pdcr.engine.scoring import region_scoring
 from napari_pdcr.interventions.base import Intervention
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
@@ -27,7 +27,8 @@ class InputBlocks(NodeSet):
     target_region
         Bool ``S``: where the outcome is measured.
     outcome, intervention
-        What is measured and what replaces a block.
+        What is measured (one outcome, or several scored on the same batches: outcomes
+        ``(B, J)``) and what replaces a block.
     reference
         Bool ``S`` reference mask for Dice outcomes; ``None``: the model's own
         unperturbed prediction.
@@ -43,7 +44,7 @@ class InputBlocks(NodeSet):
         image: torch.Tensor,
         grid: BlockGrid,
         target_region: np.ndarray,
-        outcome: Outcome,
+        outcome: Outcome | Sequence[Outcome],
         intervention: Intervention,
         reference: np.ndarray | None = None,
         window: tuple[slice, ...] | None = None,
@@ -58,7 +59,7 @@ class InputBlocks(NodeSet):
         region_in_window = target_region[self.window]
         if region_in_window.sum() != target_region.sum():
             raise ValueError("the model window must contain the whole target region")
-        self.scoring = RegionScoring(model, np.flatnonzero(region_in_window), outcome, precision)
+        self.scoring = region_scoring(model, np.flatnonzero(region_in_window), outcome, precision)
         self.item_bytes = self.crop.numel() * self.crop.element_size()
         intervention.prepare(image)
         self.scoring.set_base(self._unperturbed_region_scores(target_region), self.scoring.region_reference(reference, self.window))

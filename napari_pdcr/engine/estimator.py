@@ -47,17 +47,21 @@ class Progress:
     total: int
     forward_passes: int
     elapsed_s: float
+    #: evaluations the whole estimate is expected to take, later stages included (None: ``total``)
+    expected_total: int | None = None
 
     @property
     def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
+        """Share of the whole estimate done (of ``expected_total`` when known)."""
+        total = self.expected_total or self.total
+        return min(1.0, self.done / total) if total else 1.0
 
     @property
     def eta_s(self) -> float | None:
-        """Estimated seconds left, from the rate so far (None before any work)."""
+        """Estimated seconds left for the whole estimate, from the rate so far (None before any work)."""
         if self.done == 0:
             return None
-        return self.elapsed_s * (self.total - self.done) / self.done
+        return self.elapsed_s * max(0, (self.expected_total or self.total) - self.done) / self.done
 
 
 @dataclass
@@ -103,8 +107,8 @@ class NodeSet(ABC):
     def n_nodes(self) -> int: ...
 
     @abstractmethod
-    def base_outcome(self) -> float:
-        """Outcome of the unperturbed input, ``Y(x)``."""
+    def base_outcome(self) -> float | np.ndarray:
+        """Outcome of the unperturbed input, ``Y(x)`` (``(J,)`` for ``J`` outcomes of the same batches)."""
 
     @abstractmethod
     def sample(self, node: int, n_draws: int, rng: np.random.Generator) -> torch.Tensor:
@@ -112,9 +116,13 @@ class NodeSet(ABC):
 
     @abstractmethod
     def outcomes(self, nodes: Sequence[int], replacements: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Outcomes ``(B,)`` float64 of one forward batch: node ``nodes[i]`` set to ``replacements[i]``."""
+        """Outcomes ``(B,)`` (or ``(B, J)``) float64 of one forward batch: node ``nodes[i]`` set to ``replacements[i]``."""
 
 
+SHARED_DRAWS_NOT_ADAPTIVE = (
+    "adaptive draws (mode='fast') cannot be shared by several outcomes, since each would stop at other "
+    "draws: use mode='exact'"
+)
 OUT_OF_MEMORY_AT_ONE = (
     "out of memory even with one image per batch: choose a smaller target region or volume, or another device"
 )
@@ -174,7 +182,7 @@ class BatchRunner:
 
 @dataclass
 class NodeEstimates:
-    """Per-node results of one run (arrays of length ``n_nodes``)."""
+    """Per-node results of one run (arrays of length ``n_nodes``; ``(n_nodes, J)`` for ``J`` outcomes)."""
 
     ate: np.ndarray  #: effect after the tau rule (float64, outcome units)
     raw_mean: np.ndarray  #: mean change before the tau rule (NaN where never sampled)
@@ -182,20 +190,20 @@ class NodeEstimates:
     n_draws: np.ndarray  #: draws used for the reported estimate (int32)
     status: np.ndarray  #: NodeStatus codes (int8)
     max_abs_change: np.ndarray  #: largest |change| seen in any draw, screen included (float64)
-    base_outcome: float
+    base_outcome: float | np.ndarray
     forward_passes: int
     elapsed_s: float
     log: list[str]
 
 
 class _Accumulator:
-    """Running sums of outcome changes per node."""
+    """Running sums of outcome changes per node, ``(n, J)`` for ``J`` outcomes of the same draws."""
 
-    def __init__(self, n: int):
-        self.count = np.zeros(n, np.int64)
-        self.total = np.zeros(n)
-        self.total_sq = np.zeros(n)
-        self.max_abs = np.zeros(n)
+    def __init__(self, n: int, n_outcomes: int):
+        self.count = np.zeros((n, 1), np.int64)
+        self.total = np.zeros((n, n_outcomes))
+        self.total_sq = np.zeros((n, n_outcomes))
+        self.max_abs = np.zeros((n, n_outcomes))
 
     def reset(self, nodes: np.ndarray):
         for arr in (self.count, self.total, self.total_sq, self.max_abs):
@@ -235,17 +243,25 @@ def estimate_effects(
 
     Nodes not listed keep status UNREACHABLE and effect 0; the caller may overwrite the
     status (e.g. TARGET). Yields :class:`Progress` after every batch.
+
+    A node set with ``J`` outcomes per batch (``base_outcome()`` of shape ``(J,)``) gets
+    ``(n_nodes, J)`` results, each column what a run with that outcome alone gives: a node
+    is estimated when any outcome passes its screen, and reported screened out for the others.
     """
     t0 = time.perf_counter()
     nodes = np.asarray(nodes, dtype=np.int64)
     n = node_set.n_nodes
-    base = float(node_set.base_outcome())
-    passes0 = runner.forward_passes
-    acc = _Accumulator(n)
-    max_abs_seen = np.zeros(n)
-    status = np.full(n, NodeStatus.UNREACHABLE, np.int8)
+    base_value = node_set.base_outcome()
+    several = np.ndim(base_value) > 0
+    base = np.atleast_1d(np.asarray(base_value, dtype=np.float64))
     deterministic = node_set.deterministic
     s = settings
+    if several and s.adaptive and not deterministic:
+        raise ValueError(SHARED_DRAWS_NOT_ADAPTIVE)
+    passes0 = runner.forward_passes
+    acc = _Accumulator(n, len(base))
+    max_abs_seen = np.zeros((n, len(base)))
+    status = np.full((n, len(base)), NodeStatus.UNREACHABLE, np.int8)
 
     # Stages: (name, stage id, nodes, draws per node, round)
     screen = s.n_screen > 0 and not deterministic
@@ -265,23 +281,27 @@ def estimate_effects(
                 draws = node_set.sample(int(node), n_draws, _rng(s.seed, stage_id, int(node), round_))
                 batch_nodes += [int(node)] * n_draws
                 reps += list(draws)
-            deltas = runner.run(node_set, batch_nodes, reps).numpy() - base
+            deltas = runner.run(node_set, batch_nodes, reps).numpy().reshape(len(batch_nodes), len(base)) - base
             if not np.isfinite(deltas).all():
                 raise FloatingPointError("the model returned non-finite outputs for an intervened input")
             acc.add(np.asarray(batch_nodes), deltas)
             np.maximum.at(max_abs_seen, np.asarray(batch_nodes), np.abs(deltas))
             done += len(batch_nodes)
+            expected = total
+            if name == "screen":  # the estimate stage will draw for the share of nodes passing so far
+                seen = stage_nodes[: start + per_chunk]
+                passing = int(np.count_nonzero((acc.max_abs[seen] >= s.tau).any(axis=1)))
+                expected = total + round(passing * len(stage_nodes) / len(seen)) * first_round
             yield Progress(
-                stage_prefix + name, done, total, runner.forward_passes - passes0, time.perf_counter() - t0
+                stage_prefix + name, done, total, runner.forward_passes - passes0, time.perf_counter() - t0, expected
             )
 
     if screen:
         yield from run_stage(nodes, s.n_screen, 0, 0, "screen")
-        passed = acc.max_abs[nodes] >= s.tau
-        status[nodes[~passed]] = NodeStatus.SCREENED_OUT
-        estimate_nodes = nodes[passed]
-        screened = nodes[~passed]
-        screen_mean, screen_count = acc.mean()[screened], acc.count[screened].copy()
+        passed = acc.max_abs[nodes] >= s.tau  # (nodes, J)
+        status[nodes] = np.where(passed, NodeStatus.UNREACHABLE, NodeStatus.SCREENED_OUT)
+        estimate_nodes = nodes[passed.any(axis=1)]
+        screen_mean, screen_count, screen_max = acc.mean()[nodes], acc.count[nodes].copy(), max_abs_seen[nodes].copy()
         acc.reset(nodes)  # the full estimate uses fresh draws, as published
         total += len(estimate_nodes) * first_round
     else:
@@ -291,8 +311,8 @@ def estimate_effects(
     if s.adaptive and not deterministic:
         open_nodes, round_ = estimate_nodes, 0
         while True:
-            counts = acc.count[open_nodes]
-            open_nodes = open_nodes[(acc.standard_error()[open_nodes] > s.se_target) & (counts < draws_estimate)]
+            counts = acc.count[open_nodes, 0]  # one outcome: adaptive draws are not shared
+            open_nodes = open_nodes[(acc.standard_error()[open_nodes, 0] > s.se_target) & (counts < draws_estimate)]
             if len(open_nodes) == 0:
                 break
             round_ += 1
@@ -302,20 +322,29 @@ def estimate_effects(
 
     raw_mean = acc.mean()
     se = acc.standard_error()
-    n_draws = acc.count.astype(np.int32)
-    if screen:
-        raw_mean[screened], n_draws[screened] = screen_mean, screen_count
+    n_draws = np.repeat(acc.count, len(base), axis=1).astype(np.int32)
+    if screen:  # the screen's figures where an outcome screened the node out
+        out = ~passed
+        raw_mean[nodes] = np.where(out, screen_mean, raw_mean[nodes])
+        n_draws[nodes] = np.where(out, screen_count, n_draws[nodes])
+        max_abs_seen[nodes] = np.where(out, screen_max, max_abs_seen[nodes])
     keep = np.abs(raw_mean[estimate_nodes]) >= s.tau
-    status[estimate_nodes] = np.where(keep, NodeStatus.ESTIMATED, NodeStatus.BELOW_TAU)
+    estimated = np.where(keep, NodeStatus.ESTIMATED, NodeStatus.BELOW_TAU)
+    status[estimate_nodes] = np.where(status[estimate_nodes] == NodeStatus.SCREENED_OUT, NodeStatus.SCREENED_OUT, estimated)
     ate = np.where(status == NodeStatus.ESTIMATED, raw_mean, 0.0)
+    standard_error = np.where(status == NodeStatus.SCREENED_OUT, 0.0, np.nan_to_num(se))
+
+    def per_outcome(values: np.ndarray) -> np.ndarray:
+        return values if several else values[:, 0]
+
     return NodeEstimates(
-        ate=ate,
-        raw_mean=raw_mean,
-        standard_error=np.where(status == NodeStatus.SCREENED_OUT, 0.0, np.nan_to_num(se)),
-        n_draws=n_draws,
-        status=status,
-        max_abs_change=max_abs_seen,
-        base_outcome=base,
+        ate=per_outcome(ate),
+        raw_mean=per_outcome(raw_mean),
+        standard_error=per_outcome(standard_error),
+        n_draws=per_outcome(n_draws),
+        status=per_outcome(status),
+        max_abs_change=per_outcome(max_abs_seen),
+        base_outcome=base if several else float(base[0]),
         forward_passes=runner.forward_passes - passes0,
         elapsed_s=time.perf_counter() - t0,
         log=list(runner.backoffs),

@@ -8,6 +8,7 @@ the explained channel, the reference mask inside the region and the outcome ``(N
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -102,3 +103,34 @@ class RegionScoring:
         if self.channel is None:
             raise RuntimeError("RegionScoring.set_base must be called before scoring")
         return self.outcome(scores, self.reference, self.model.activation, self.channel)
+
+
+class SharedRegionScoring(RegionScoring):
+    """Several outcomes of the same region scores: one forward batch, outcomes ``(N, J)``.
+
+    A temperature sweep measures one outcome at ``J`` temperatures on the same draws.
+    ``base`` is ``(J,)``; every outcome must explain the same channel.
+    """
+
+    def __init__(self, model: SegmentationModel, region_index: np.ndarray, outcomes: Sequence[Outcome], precision: str = "float32"):
+        super().__init__(model, region_index, outcomes[0], precision)
+        self.members = [RegionScoring(model, region_index, outcome, precision) for outcome in outcomes]
+
+    def set_base(self, base_scores: torch.Tensor, reference: np.ndarray | None = None) -> np.ndarray:
+        """Fix every outcome's channel and reference; return the base outcomes ``(J,)``."""
+        self.base = np.array([member.set_base(base_scores, reference) for member in self.members])
+        if len({member.channel for member in self.members}) > 1:
+            raise ValueError("outcomes scored on the same draws must explain the same channel")
+        self.channel, self.reference = self.members[0].channel, self.members[0].reference
+        return self.base
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Outcomes ``(N, J)`` float64 of region scores ``(N, K, M)``."""
+        return torch.stack([member(scores) for member in self.members], dim=1)
+
+
+def region_scoring(model: SegmentationModel, region_index: np.ndarray, outcome: Outcome | Sequence[Outcome], precision: str = "float32") -> RegionScoring:
+    """A :class:`RegionScoring` for one outcome, a :class:`SharedRegionScoring` for a sequence."""
+    if isinstance(outcome, Outcome):
+        return RegionScoring(model, region_index, outcome, precision)
+    return SharedRegionScoring(model, region_index, list(outcome), precision)

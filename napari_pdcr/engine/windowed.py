@@ -46,17 +46,9 @@ class WindowedInputBlocks(InputBlocks):
     per forward pass (``window_batch_size``) is halved; :attr:`log` records each back-off.
     """
 
-    def __init__(
-        self,
-        model: SegmentationModel,
-        image: torch.Tensor,
-        grid: BlockGrid,
-        target_region: np.ndarray,
-        outcome: Outcome,
-        intervention: Intervention,
-        reference: np.ndarray | None = None,
-        precision: str = "float32",
-    ):
+    def __init__(self, model: SegmentationModel, image: torch.Tensor, grid: BlockGrid, target_region: np.ndarray,
+                 outcome: Outcome, intervention: Intervention, reference: np.ndarray | None = None,
+                 precision: str = "float32"):
         if model.sliding_window is None:
             raise ValueError(f"model {model.name!r} has no sliding_window: use InputBlocks")
         # The "window" of InputBlocks is the whole image, so the inherited helpers

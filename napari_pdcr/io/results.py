@@ -7,12 +7,13 @@ Every napari-pdcr result is one zarr v3 group (:func:`write_store`, :func:`read_
                                          "meta_sha256": ..., <the kind's own fields>}}
         <name>   one zarr array per entry of "arrays" ("extras/x" lies in group "extras")
 
-A region explanation (kind ``region_explanation``) holds the grid arrays ``block_effects``,
-``block_standard_error`` (float32), ``block_draws`` (int32) and ``block_status`` (int8), the
-masks ``target_region``, ``prediction`` and, if one was given, ``reference`` (uint8), further
-arrays as ``extras/<name>``, and the fields ``block_shape``, ``base_outcome``, ``parameters``,
-``model_identity``, ``provenance``, ``timings``, ``forward_passes``, ``spacing``, ``log`` and
-``summary``.
+Every kind of :class:`~napari_pdcr.explanations.Explanation` uses this one format
+(:func:`save_explanation`, :func:`load_explanation`): its own arrays (e.g. a region
+explanation's ``block_effects`` ... and masks; a component explanation's ``ate`` ...), its
+``extras/<name>`` arrays, the arrays of related results under ``related/<key>/`` (e.g. the
+component effects saved with a region explanation), and the fields ``parameters``,
+``model_identity``, ``provenance``, ``timings``, ``forward_passes``, ``log``, ``summary``,
+``related`` and the kind's own. The kind names the class that restores it.
 
 Saving never destroys what napari-pdcr did not write: only a previous result store (or an
 empty folder) is ever replaced, and the new store is complete before it takes the old one's
@@ -46,17 +47,12 @@ import zarr
 #: 2: a sha256 of every array ("arrays") and of the fields ("meta_sha256")
 FORMAT_VERSION = 2
 STORE_KEY = "napari_pdcr"
-REGION_KIND = "region_explanation"
 _RESERVED = ("kind", "format_version", "arrays", "meta_sha256")
 _DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
            "float16", "float32", "float64"}
 #: the codecs napari-pdcr writes; nothing else is decoded
 _CODECS = {"bytes", "zstd"}
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
-_GRID_ARRAYS = {"block_effects": np.float32, "block_standard_error": np.float32,
-                "block_draws": np.int32, "block_status": np.int8}
-_MASKS = ("target_region", "prediction", "reference")
-_EXTRAS = "extras/"
 
 
 class DamagedStoreError(ValueError):
@@ -414,109 +410,49 @@ def require_fields(path, meta: dict, rules: Mapping[str, tuple[Callable[[object]
             raise damaged(path, f"the field '{name}' is {reprlib.repr(meta[name])}, not {description}")
 
 
-# ---------------------------------------------------------------------------- region explanations
-
-
-def _is_number(value) -> bool:
+# ---------------------------------------------------------------------------- field tests
+def is_number(value) -> bool:
+    """A JSON number (not a bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _positive_list(test):
+def positive_list(test):
+    """A test: a non-empty list whose items pass ``test`` and are > 0."""
     return lambda value: isinstance(value, list) and len(value) > 0 and all(test(v) and v > 0 for v in value)
 
 
-_REGION_FIELDS = {
-    "block_shape": (_positive_list(_is_int), "a list of positive integers"),
-    "base_outcome": (_is_number, "a number"),
-    "parameters": (lambda v: isinstance(v, dict), "a mapping"),
-    "model_identity": (lambda v: isinstance(v, dict), "a mapping"),
-    "provenance": (lambda v: isinstance(v, dict), "a mapping"),
-    "timings": (lambda v: isinstance(v, dict), "a mapping"),
-    "forward_passes": (lambda v: _is_int(v) and v >= 0, "a count"),
-    "spacing": (lambda v: v is None or _positive_list(_is_number)(v), "null or a list of positive numbers"),
-    "log": (lambda v: isinstance(v, list) and all(isinstance(line, str) for line in v), "a list of texts"),
-}
+# ---------------------------------------------------------------------------- explanations
+def save_explanation(explanation, path, overwrite: bool = True) -> Path:
+    """Save any :class:`~napari_pdcr.explanations.Explanation` to a result store at ``path``.
 
-
-def _check_region(path: Path, kind: str, arrays: dict, meta: dict) -> None:
-    """A region explanation's arrays, fields and their agreement (shapes follow block_shape)."""
-    from napari_pdcr.engine.estimator import NodeStatus
-    from napari_pdcr.regions import BlockGrid
-
-    require_arrays(path, arrays, {**_GRID_ARRAYS, **dict.fromkeys(_MASKS, np.uint8)}, optional=("reference",))
-    require_fields(path, meta, _REGION_FIELDS)
-    spatial = arrays["target_region"].shape
-    for name in ("prediction", "reference"):
-        if name in arrays and arrays[name].shape != spatial:
-            raise damaged(path, f"array '{name}' has shape {arrays[name].shape}, not the target region's {spatial}")
-    block_shape = meta["block_shape"]
-    for name, value in (("block_shape", block_shape), ("spacing", meta["spacing"] or spatial)):
-        if len(value) != len(spatial):
-            raise damaged(path, f"the field '{name}' {value} has {len(value)} axes, but the masks {spatial} have "
-                                f"{len(spatial)}")
-    grid = BlockGrid.create(spatial, block_shape).shape
-    for name in _GRID_ARRAYS:
-        if arrays[name].shape != grid:
-            raise damaged(path, f"array '{name}' has shape {arrays[name].shape}, but block_shape {block_shape} "
-                                f"on masks of shape {spatial} makes a {grid} grid")
-    unknown = np.setdiff1d(arrays["block_status"], [int(s) for s in NodeStatus])
-    if unknown.size:
-        raise damaged(path, f"array 'block_status' holds codes {unknown.tolist()} that are no NodeStatus")
-
-
-def save_explanation(explanation, path, extras: dict[str, np.ndarray] | None = None, overwrite: bool = True) -> Path:
-    """Save a :class:`~napari_pdcr.explanation.RegionExplanation` to a result store at ``path``.
-
-    ``extras`` are saved with the explanation's own ``extras``. ``overwrite``: see
-    :func:`write_store` (a previous result store is replaced unless it is False; anything else
-    at ``path`` is never touched).
+    ``overwrite``: see :func:`write_store` (a previous result store is replaced unless it is
+    False; anything else at ``path`` is never touched).
     """
-    arrays = {name: np.asarray(getattr(explanation, name), dtype) for name, dtype in _GRID_ARRAYS.items()}
-    for name in _MASKS:
-        mask = getattr(explanation, name)
-        if mask is not None:
-            arrays[name] = np.asarray(mask, dtype=np.uint8)
-    for name, array in {**explanation.extras, **(extras or {})}.items():
-        arrays[_EXTRAS + name] = array
-    meta = {
-        "block_shape": list(explanation.block_shape),
-        "base_outcome": explanation.base_outcome,
-        "parameters": explanation.parameters,
-        "model_identity": explanation.model_identity,
-        "provenance": explanation.provenance,
-        "timings": explanation.timings,
-        "forward_passes": explanation.forward_passes,
-        "spacing": list(explanation.spacing) if explanation.spacing is not None else None,
-        "log": explanation.log,
-        "summary": explanation.summary(),
-    }
-    return write_store(path, REGION_KIND, arrays, meta, overwrite=overwrite)
+    arrays, fields = explanation.contents()
+    return write_store(path, explanation.kind, arrays, fields, overwrite=overwrite)
 
 
 def is_explanation_store(path) -> bool:
-    """True when ``path`` is a result store of a region explanation (intact or not)."""
-    return store_kind(path) == REGION_KIND
+    """True when ``path`` is a result store of a known kind (intact or not)."""
+    from napari_pdcr.explanations import Explanation
+
+    return store_kind(path) in Explanation.registry
 
 
-def load_explanation(path):
-    """Load a :class:`~napari_pdcr.explanation.RegionExplanation` saved by :func:`save_explanation`.
+def load_explanation(path, expected: type | None = None):
+    """Load the :class:`~napari_pdcr.explanations.Explanation` saved at ``path``, of whatever kind.
 
-    Raises :class:`DamagedStoreError` when the store is damaged (see :func:`read_store`).
+    ``expected``: a class the result must be an instance of (None: any kind). Raises
+    :class:`DamagedStoreError` when the store is damaged (see :func:`read_store`).
     """
-    from napari_pdcr.explanation import RegionExplanation
+    from napari_pdcr.explanations import Explanation
 
-    _, arrays, meta = read_store(path, kinds=(REGION_KIND,), check=_check_region)
-    return RegionExplanation(
-        **{name: arrays[name] for name in _GRID_ARRAYS},
-        **{name: arrays[name].astype(bool) if name in arrays else None for name in _MASKS},
-        block_shape=tuple(meta["block_shape"]),
-        base_outcome=float(meta["base_outcome"]),
-        parameters=meta["parameters"],
-        model_identity=meta["model_identity"],
-        provenance=meta["provenance"],
-        timings=meta["timings"],
-        forward_passes=meta["forward_passes"],
-        spacing=tuple(meta["spacing"]) if meta["spacing"] is not None else None,
-        log=meta["log"],
-        extras={name[len(_EXTRAS):]: array for name, array in arrays.items() if name.startswith(_EXTRAS)},
-    )
+    _recover(Path(path))  # a save killed between its two renames left the store in its backup
+    kind = store_kind(path)
+    known = Explanation.registry.get(kind) if kind is not None else None
+    if known is not None and expected is not None and not issubclass(known, expected):
+        raise ValueError(f"{path} holds a napari-pdcr {kind!r} result, not {expected.kind!r}: "
+                         f"open it with {known.__name__}.load (or Explanation.load for any kind)")
+    kinds = tuple(Explanation.registry) if known is None else (kind,)
+    _, arrays, fields = read_store(path, kinds=kinds, check=lambda p, k, a, f: known.check_contents(p, a, f))
+    return known.from_contents(arrays, fields)

@@ -28,7 +28,8 @@ import torch
 from napari_pdcr.engine.estimator import Progress, drive
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.models.devices import resolve_device
-from napari_pdcr.regions import validate_region
+from napari_pdcr.regions import validate_reference, validate_region
+from napari_pdcr.validation import non_negative_int, optional_positive_int, positive_float
 
 
 def package_versions() -> dict[str, str]:
@@ -92,8 +93,6 @@ class Method(ABC):
         batch_size: int | None = None,
         memory_budget_mb: float = 1024,
     ):
-        from napari_pdcr.validation import non_negative_int, optional_positive_int, positive_float
-
         if not isinstance(model, SegmentationModel):
             raise TypeError(
                 f"model must be a SegmentationModel (from load_model or load_demo_model); got {type(model).__name__}"
@@ -106,35 +105,48 @@ class Method(ABC):
 
     # ------------------------------------------------------------------ provenance
     @abstractmethod
-    def settings(self) -> dict:
+    def method_parameters(self) -> dict:
         """The method's own parameters, JSON-serialisable."""
 
     def parameters(self) -> dict:
         """Every parameter of the method, JSON-serialisable (for provenance)."""
-        return {"method": self.name, **self.settings(), "seed": self.seed, "device": str(self.device)}
+        return {"method": self.name, **self.method_parameters(), "seed": self.seed, "device": str(self.device)}
 
     def provenance(self) -> dict:
-        """Versions, creation time and seed of a run of this method."""
-        return run_provenance(self.seed)
+        """Versions, creation time and seed of a run, and the model's temperature (fitted or given)."""
+        description = self.model.description
+        return {
+            **run_provenance(self.seed),
+            "model_temperature": getattr(description, "temperature", 1.0),
+            "calibration": getattr(description, "calibration", None),
+        }
 
     def choose_batch_size(self, item_bytes: int) -> int:
         """The batch size given, or one from the memory budget for items of ``item_bytes``."""
         return self.batch_size or default_batch_size(self.device, item_bytes, self.memory_budget_mb)
 
     # ------------------------------------------------------------------ inputs
-    def prepare_inputs(self, image, target_region, reference=None):
-        """Move the model to the device and check the inputs, before any forward pass.
+    def check_inputs(self, image, target_region, reference=None):
+        """Check the image and the masks, before the model moves or runs.
 
-        Returns ``(model, x, region, reference)``: ``x`` the ``(C, *S)`` float32 tensor in
-        model input space on the device, ``region`` and ``reference`` bool ``S`` arrays
-        (``reference`` None when not given).
+        ``image``: ``(C, H, W)`` or ``(C, D, H, W)`` raw intensities (the model's
+        preprocessing is applied). ``target_region``: bool mask of the image's spatial
+        shape ``S``, where the outcome is measured. ``reference``: optional binary mask
+        (ground truth) of shape ``S`` for Dice outcomes; ``None`` uses the model's own
+        unperturbed prediction.
+
+        Returns ``(x, region, reference)``: ``x`` the ``(C, *S)`` float32 tensor in model
+        input space (on the CPU), ``region`` bool ``S``, ``reference`` bool ``S`` or None.
         """
-        model = self.model.to(self.device)
-        x = model.prepare_image(image)
+        x = self.model.prepare_image(image)
         spatial = tuple(x.shape[1:])
         region = validate_region(target_region, spatial, "target region")
-        ref = None if reference is None else validate_region(reference, spatial, "reference mask", allow_empty=True)
-        return model, x.to(self.device), region, ref
+        ref = None if reference is None else validate_reference(reference, spatial)
+        return x, region, ref
+
+    def to_device(self, x: torch.Tensor) -> tuple[SegmentationModel, torch.Tensor]:
+        """The model and ``x`` on the method's device (once every input is checked)."""
+        return self.model.to(self.device), x.to(self.device)
 
     # ------------------------------------------------------------------ running
     @abstractmethod

@@ -3,7 +3,10 @@
 Each is a MONAI network (or, for ``shallow2d``, a tiny local CNN) trained on Colin27 by
 ``sample_data/train_demo_models.py`` (``vit2d``, a small transformer from
 :mod:`napari_pdcr.models.vit`, by ``sample_data/train_comparison_models.py`` on the same
-data); held-out Dice is in ``docs/demo_models.md``. All
+data); held-out Dice is in ``docs/demo_models.md``. The temperature series
+``unet2d_T0.5`` ... ``unet2d_T4`` is ``unet2d`` trained with its loss on
+``sigmoid(z / T_train)`` (``docs/temperature.md``); their descriptions carry ``T_train``
+as the temperature of soft outcomes. All
 take one channel in [0, 1] (the bundled samples as loaded) and output one channel of
 brain-foreground logits (``activation="sigmoid"``).
 """
@@ -11,7 +14,7 @@ brain-foreground logits (``activation="sigmoid"``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from monai.networks.nets import SegResNet, UNet
@@ -19,6 +22,7 @@ from torch import nn
 
 from napari_pdcr._resources import demo_weights_dir
 from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.models.description import ModelDescription
 from napari_pdcr.models.vit import ViTSegNet
 
 
@@ -49,7 +53,8 @@ class DemoModelSpec:
     """How to build one demo model and what it expects.
 
     ``build`` returns the untrained network; ``divisible_by`` is the spatial multiple it
-    needs; ``sample`` names the bundled sample (``napari_pdcr.samples``) it runs on.
+    needs; ``sample`` names the bundled sample (``napari_pdcr.samples``) it runs on;
+    ``training_temperature`` is the T of ``sigmoid(z / T)`` in its training loss.
     """
 
     build: Callable[[], nn.Module]
@@ -57,6 +62,7 @@ class DemoModelSpec:
     divisible_by: int
     sample: str
     description: str
+    training_temperature: float = 1.0
 
 
 DEMO_MODELS: dict[str, DemoModelSpec] = {
@@ -123,6 +129,20 @@ DEMO_MODELS: dict[str, DemoModelSpec] = {
 }
 
 
+#: the temperature series: ``unet2d`` trained at each training temperature
+TEMPERATURE_SERIES: dict[str, float] = {f"unet2d_T{t:g}": t for t in (0.5, 1.0, 2.0, 4.0)}
+DEMO_MODELS.update(
+    {
+        name: replace(
+            DEMO_MODELS["unet2d"],
+            training_temperature=t,
+            description=f"MONAI 2D U-Net as unet2d, trained at temperature T_train = {t:g} (loss on sigmoid(z / {t:g})).",
+        )
+        for name, t in TEMPERATURE_SERIES.items()
+    }
+)
+
+
 def demo_model_names() -> list[str]:
     """Names accepted by :func:`load_demo_model`."""
     return list(DEMO_MODELS)
@@ -149,7 +169,13 @@ def load_demo_model(name: str, device="cpu") -> SegmentationModel:
             "run sample_data/train_demo_models.py"
         )
     network = spec.build()
-    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # float16 -> float32 too
+    description = None
+    if name in TEMPERATURE_SERIES:  # their own probabilities are sigmoid(z / T_train)
+        description = ModelDescription(
+            spatial_dims=spec.spatial_dims, in_channels=1, out_channels=1, preprocess="none", activation="sigmoid",
+            divisible_by=spec.divisible_by, input_range=(0.0, 1.0), temperature=spec.training_temperature, name=name,
+        )
     model = SegmentationModel(
         network=network,
         spatial_dims=spec.spatial_dims,
@@ -160,5 +186,6 @@ def load_demo_model(name: str, device="cpu") -> SegmentationModel:
         input_range=(0.0, 1.0),
         name=name,
         source=f"demo:{name}",
+        description=description,
     )
     return model.to(device)

@@ -64,12 +64,16 @@ class ModelDescription:
         ``(low, high)`` of the values the network takes after preprocessing (e.g.
         ``[0, 1]``); images far outside it are rejected. ``None``: not checked.
     temperature
-        Temperature of probabilities in soft outcomes (> 0).
+        Temperature of probabilities in soft outcomes (> 0): given, or fitted on labelled
+        pixels by :func:`napari_pdcr.calibration.calibrate`.
     sliding_window
         Apply the model window-wise (:class:`~napari_pdcr.models.sliding_window.SlidingWindow`,
         or a dict of its fields).
     name
         Display name.
+    calibration
+        The record of the temperature fit (:meth:`napari_pdcr.calibration.TemperatureFit.summary`:
+        pixels used, NLL / ECE / Brier before and after); ``None``: the temperature was not fitted.
     inferred
         Human-readable notes on every value that was inferred rather than given.
     """
@@ -85,6 +89,7 @@ class ModelDescription:
     temperature: float = 1.0
     sliding_window: SlidingWindow | None = None
     name: str | None = None
+    calibration: dict | None = None
     inferred: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -168,6 +173,14 @@ class ModelDescription:
         if isinstance(self.divisible_by, tuple):
             out["divisible_by"] = list(self.divisible_by)
         return out
+
+    def calibrated(self, temperature: float, calibration: dict) -> ModelDescription:
+        """This description with a fitted ``temperature`` and the record of its fit."""
+        note = (
+            f"temperature={temperature:.4g} (fitted on {calibration['n_pixels']} labelled pixels: NLL "
+            f"{calibration['before']['nll']:.4f} -> {calibration['after']['nll']:.4f})"
+        )
+        return replace(self, temperature=temperature, calibration=calibration, inferred=[*self.inferred, note])
 
     def outcome(self, kind: str = "dice", **options) -> Outcome:
         """An :class:`~napari_pdcr.outcomes.Outcome` of ``kind`` for this model's channel and temperature."""

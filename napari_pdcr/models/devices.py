@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -71,3 +73,29 @@ def set_cpu_threads(n: int | None) -> int:
             raise ValueError(f"the number of CPU threads must be a positive integer, got {n!r}")
         torch.set_num_threads(n)
     return previous
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def worker_cpu_threads() -> int:
+    """PyTorch threads for a run beside a GUI: every core but one, which stays free for the event loop."""
+    return max(1, cpu_cores() - 1)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` PyTorch CPU threads, then restore the previous count.
+
+    Call it in the thread that runs the model: OpenMP keeps the thread count per thread.
+    """
+    previous = set_cpu_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

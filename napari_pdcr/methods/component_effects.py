@@ -2,7 +2,7 @@
 
 Usage::
 
-    from napari_pdcr.components import ComponentEffects
+    from napari_pdcr import ComponentEffects
     method = ComponentEffects(model, intervention="resample", granularity="stages")
     result = method.attribute(image, target_region, bank_images=other_slices)
     result.table()[:3]       # the components with the largest |ATE|
@@ -28,7 +28,6 @@ from napari_pdcr.components.enumerate import (
     network_of,
     probe,
 )
-from napari_pdcr.components.explanation import ComponentExplanation
 from napari_pdcr.components.interventions import (
     ActivationIntervention,
     make_activation_intervention,
@@ -38,18 +37,16 @@ from napari_pdcr.engine.estimator import (
     BatchRunner,
     EstimatorSettings,
     Progress,
-    drive,
     estimate_effects,
 )
+from napari_pdcr.explanations.components import ComponentExplanation
+from napari_pdcr.methods.base import Method
 from napari_pdcr.models.base import SegmentationModel
-from napari_pdcr.models.devices import resolve_device
 from napari_pdcr.outcomes import Outcome, outcome_for
-from napari_pdcr.region_effects import default_batch_size, run_provenance
-from napari_pdcr.regions import validate_reference, validate_region
-from napari_pdcr.validation import optional_positive_int, positive_float, shown
+from napari_pdcr.validation import shown
 
 
-class ComponentEffects:
+class ComponentEffects(Method):
     """Causal effects of network components on a segmentation model's output in a target region.
 
     Parameters
@@ -95,6 +92,7 @@ class ComponentEffects:
         batch_size: int | None = None,
         memory_budget_mb: float = 1024,
     ):
+        super().__init__(model, seed=seed, device=device, batch_size=batch_size, memory_budget_mb=memory_budget_mb)
         network_of(model)
         if getattr(model, "sliding_window", None) is not None:
             raise ValueError(
@@ -103,24 +101,19 @@ class ComponentEffects:
             )
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {shown(granularity)}")
-        self.settings = EstimatorSettings(n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=seed)
-        self.model = model
+        self.settings = EstimatorSettings(n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=self.seed)
         self.intervention = (
             make_activation_intervention(intervention) if isinstance(intervention, str) else intervention
         )
         self.outcome = outcome_for(outcome, model)
         self.granularity, self.layer = granularity, layer
         self.chosen = list(components) if components is not None else None
-        self.seed = self.settings.seed
-        self.device = resolve_device(device)
-        self.batch_size = optional_positive_int("batch_size", batch_size)
-        self.memory_budget_mb = positive_float("memory_budget_mb", memory_budget_mb)
 
-    def parameters(self) -> dict:
-        """Every parameter of the method, JSON-serialisable (for provenance)."""
+    name = "component_effects"
+
+    def method_parameters(self) -> dict:
         s = self.settings
         return {
-            "method": "component_effects",
             "intervention": self.intervention.describe(),
             "outcome": self.outcome.describe(),
             "granularity": self.granularity if self.chosen is None else "chosen",
@@ -128,8 +121,6 @@ class ComponentEffects:
             "n_screen": s.n_screen,
             "n_estimate": s.n_estimate,
             "tau": s.tau,
-            "seed": self.seed,
-            "device": str(self.device),
         }
 
     def components(self, image=None) -> list[Component]:
@@ -150,25 +141,13 @@ class ComponentEffects:
             raise ValueError(f"cannot intervene on {', '.join(dropped)}: each must run once and return one tensor")
         return probed
 
-    def attribute(self, image, target_region, reference=None, bank_images=None, progress=None) -> ComponentExplanation:
-        """Run to completion; see :meth:`iter_attribute`. ``progress(Progress)`` may return False to cancel."""
-        return drive(self.iter_attribute(image, target_region, reference, bank_images), progress)
-
     def iter_attribute(
         self, image, target_region, reference=None, bank_images=None
     ) -> Generator[Progress, None, ComponentExplanation]:
         """Component effects as a generator of progress.
 
-        Parameters
-        ----------
-        image
-            ``(C, H, W)`` or ``(C, D, H, W)`` array, raw intensities (the model's
-            preprocessing is applied).
-        target_region
-            Bool mask of the image's spatial shape: where the outcome is measured.
-        reference
-            Optional reference mask (ground truth) for Dice outcomes; ``None`` uses the
-            model's own unperturbed prediction.
+        ``image``, ``target_region``, ``reference``: see :meth:`Method.check_inputs`.
+
         bank_images
             Other images ``(R, C, *S)`` (or a sequence of ``(C, *S)``) of the image's
             shape, for the ``resample`` and ``mean`` interventions; each is preprocessed
@@ -176,10 +155,7 @@ class ComponentEffects:
         """
         t_start = time.perf_counter()
         # every input is checked here, before the model moves or runs
-        x = self.model.prepare_image(image)
-        spatial = tuple(x.shape[1:])
-        region = validate_region(target_region, spatial, "target region")
-        ref = None if reference is None else validate_reference(reference, spatial)
+        x, region, ref = self.check_inputs(image, target_region, reference)
         bank = None
         if bank_images is not None and len(bank_images):
             prepared = [self.model.prepare_image(b, f"bank image {i}") for i, b in enumerate(bank_images)]
@@ -190,14 +166,13 @@ class ComponentEffects:
                     f"got {', '.join(map(str, sorted(shapes)))}"
                 )
             bank = torch.stack(prepared).to(self.device)
-        model = self.model.to(self.device)
-        x = x.to(self.device)
+        model, x = self.to_device(x)
         components = self.components(image)
         nodes = ComponentNodes(model, x, components, region, self.outcome, self.intervention, ref, bank)
         timings = {"prepare_s": time.perf_counter() - t_start}
         yield Progress("prepare", 0, 1, 0, timings["prepare_s"])
 
-        batch_size = self.batch_size or default_batch_size(self.device, nodes.item_bytes, self.memory_budget_mb)
+        batch_size = self.choose_batch_size(nodes.item_bytes)
         runner = BatchRunner(batch_size)
         estimates = yield from estimate_effects(nodes, np.arange(nodes.n_nodes), self.settings, runner)
         timings["estimate_s"] = estimates.elapsed_s
@@ -219,7 +194,7 @@ class ComponentEffects:
             target_region=region,
             parameters=parameters,
             model_identity=model.identity(),
-            provenance=run_provenance(self.seed),
+            provenance=self.provenance(),
             timings=timings,
             forward_passes=estimates.forward_passes + nodes.setup_passes + 1,
             log=estimates.log,

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from napari_pdcr.engine.estimator import NodeStatus
+from napari_pdcr.explanations.base import Explanation
+from napari_pdcr.io.results import damaged, is_number, positive_list, require_arrays, require_fields
 from napari_pdcr.regions import BlockGrid
 
 #: Published histogram bin edges (outcome units) besides +-tau.
 PUBLISHED_EDGES = (3.0, 1.0, 0.3)
+#: the per-block arrays and their dtypes
+GRID_ARRAYS = {"block_effects": np.float32, "block_standard_error": np.float32,
+               "block_draws": np.int32, "block_status": np.int8}
+#: the masks (bool ``S``), stored as uint8; ``reference`` only when one was given
+MASKS = ("target_region", "prediction", "reference")
+_FIELD_RULES = {
+    "block_shape": (positive_list(lambda v: isinstance(v, int) and not isinstance(v, bool)), "a list of positive integers"),
+    "base_outcome": (is_number, "a number"),
+    "spacing": (lambda v: v is None or positive_list(is_number)(v), "null or a list of positive numbers"),
+}
 
 
 @dataclass
-class RegionExplanation:
+class RegionExplanation(Explanation):
     """Average treatment effects of input blocks on a model's outcome in a target region.
 
     Per-block arrays have the grid's shape (``ceil(S / block_shape)`` per axis);
@@ -34,16 +45,11 @@ class RegionExplanation:
     prediction: np.ndarray  #: the model's unperturbed thresholded prediction of the explained channel, bool ``S``
     reference: np.ndarray | None  #: the reference mask given by the user, bool ``S`` (None: the prediction)
     base_outcome: float  #: outcome of the unperturbed image
-    parameters: dict = field(default_factory=dict)
-    model_identity: dict = field(default_factory=dict)
-    provenance: dict = field(default_factory=dict)  #: versions, time, seed
-    timings: dict = field(default_factory=dict)  #: seconds per phase
-    #: images run through the model for the estimate, the reach probe and coarse screening
-    #: (the few overhead passes - base outcome, window check, full prediction - are not counted)
-    forward_passes: int = 0
     spacing: tuple[float, ...] | None = None  #: voxel size (e.g. mm) for distances
-    log: list[str] = field(default_factory=list)
-    extras: dict[str, np.ndarray] = field(default_factory=dict)  #: further arrays saved with the result
+    # forward_passes counts the images run for the estimate, the reach probe and coarse
+    # screening (not the few overhead passes: base outcome, window check, full prediction)
+
+    kind = "region_explanation"
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -159,31 +165,49 @@ class RegionExplanation:
             "timings": self.timings,
         }
 
-    # ---------------------------------------------------------------- I/O and viewer
-    def save(self, path, overwrite: bool = True) -> Path:
-        """Write to a result store (a ``.zarr`` folder) at ``path`` atomically; returns ``path``.
+    # ---------------------------------------------------------------- store
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = {name: np.asarray(getattr(self, name), dtype) for name, dtype in GRID_ARRAYS.items()}
+        arrays.update({name: np.asarray(getattr(self, name), np.uint8) for name in MASKS if getattr(self, name) is not None})
+        return arrays
 
-        A previous napari-pdcr result store at ``path`` is replaced unless ``overwrite`` is
-        False; anything else there (a file, other folders, other zarr stores) is never touched:
-        ``FileExistsError``. See :func:`napari_pdcr.io.results.write_store`.
-        """
-        from napari_pdcr.io.results import save_explanation
-
-        return save_explanation(self, path, overwrite=overwrite)
+    def meta(self) -> dict:
+        return {
+            "block_shape": list(self.block_shape),
+            "base_outcome": self.base_outcome,
+            "spacing": list(self.spacing) if self.spacing is not None else None,
+        }
 
     @classmethod
-    def load(cls, path) -> RegionExplanation:
-        """Read a store written by :meth:`save` (``DamagedStoreError`` when it is damaged)."""
-        from napari_pdcr.io.results import load_explanation
+    def from_store(cls, arrays, meta, **common) -> RegionExplanation:
+        return cls(
+            **{name: arrays[name] for name in GRID_ARRAYS},
+            **{name: arrays[name].astype(bool) if name in arrays else None for name in MASKS},
+            block_shape=tuple(meta["block_shape"]),
+            base_outcome=float(meta["base_outcome"]),
+            spacing=tuple(meta["spacing"]) if meta["spacing"] is not None else None,
+            **common,
+        )
 
-        return load_explanation(path)
-
-    def add_to_viewer(self, viewer, source_layer=None, name: str | None = None, **options):
-        """Add the ATE map (and optionally more) to a napari viewer; returns the new layers.
-
-        ``source_layer``: the image layer explained, whose scale and translate the new
-        layers copy. See :func:`napari_pdcr._napari.layers.explanation_layers`.
-        """
-        from napari_pdcr._napari.layers import add_explanation_layers
-
-        return add_explanation_layers(viewer, self, source_layer=source_layer, name=name, **options)
+    @classmethod
+    def check_store(cls, path, arrays, meta) -> None:
+        """Arrays present with their dtypes; masks, ``block_shape`` and grid arrays agree."""
+        require_arrays(path, arrays, {**GRID_ARRAYS, **dict.fromkeys(MASKS, np.uint8)}, optional=("reference",))
+        require_fields(path, meta, _FIELD_RULES)
+        spatial = arrays["target_region"].shape
+        for name in ("prediction", "reference"):
+            if name in arrays and arrays[name].shape != spatial:
+                raise damaged(path, f"array '{name}' has shape {arrays[name].shape}, not the target region's {spatial}")
+        block_shape = meta["block_shape"]
+        for name, value in (("block_shape", block_shape), ("spacing", meta["spacing"] or spatial)):
+            if len(value) != len(spatial):
+                raise damaged(path, f"the field '{name}' {value} has {len(value)} axes, but the masks {spatial} have "
+                                    f"{len(spatial)}")
+        grid = BlockGrid.create(spatial, block_shape).shape
+        for name in GRID_ARRAYS:
+            if arrays[name].shape != grid:
+                raise damaged(path, f"array '{name}' has shape {arrays[name].shape}, but block_shape {block_shape} "
+                                    f"on masks of shape {spatial} makes a {grid} grid")
+        unknown = np.setdiff1d(arrays["block_status"], [int(s) for s in NodeStatus])
+        if unknown.size:
+            raise damaged(path, f"array 'block_status' holds codes {unknown.tolist()} that are no NodeStatus")

@@ -4,7 +4,7 @@ For each model: the region ATE map (:class:`~napari_pdcr.RegionEffects`), how lo
 strategy is (the *locality curve*: share of the total absolute block effect within
 distance d of the region, and one number, the share within ``locality_distance``), the
 fractions of positive / negative / zero blocks, and optionally its component profile
-(:class:`~napari_pdcr.components.ComponentEffects`). :meth:`ModelComparison.figure`
+(:class:`~napari_pdcr.methods.ComponentEffects`). :meth:`ModelComparison.figure`
 draws one matplotlib figure comparing the models (no Qt needed) and
 :meth:`ModelComparison.to_markdown` a table.
 
@@ -20,12 +20,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from napari_pdcr.components import ComponentEffects, ComponentExplanation
-from napari_pdcr.engine.estimator import NodeStatus, Progress, drive
-from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.engine.estimator import NodeStatus, Progress, drive, relay
+from napari_pdcr.explanations import ComponentExplanation, RegionExplanation
+from napari_pdcr.methods import ComponentEffects, RegionEffects
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.plotting import EFFECT_CMAP
-from napari_pdcr.region_effects import RegionEffects
 
 
 @dataclass
@@ -234,12 +233,12 @@ def iter_compare_models(
     profiles = []
     for name, model in models.items():
         method = RegionEffects(model, **(region_effects or {}))
-        explanation = yield from _prefixed(name, method.iter_attribute(image, target_region, reference, spacing))
+        explanation = yield from relay(method.iter_attribute(image, target_region, reference, spacing), _prefixed(name))
         components = None
         if component_effects is not None and model.is_module:
             method = ComponentEffects(model, **component_effects)
-            components = yield from _prefixed(
-                f"{name} components", method.iter_attribute(image, target_region, reference, bank_images)
+            components = yield from relay(
+                method.iter_attribute(image, target_region, reference, bank_images), _prefixed(f"{name} components")
             )
         profiles.append(strategy_profile(name, explanation, components, locality_distance))
     return ModelComparison(profiles)
@@ -258,7 +257,7 @@ def compare_models(models, image, target_region, reference=None, progress=None, 
         Keyword arguments of :class:`~napari_pdcr.RegionEffects` (intervention,
         block_shape, n_estimate, mode, seed, ...), the same for every model.
     component_effects
-        Keyword arguments of :class:`~napari_pdcr.components.ComponentEffects`; None
+        Keyword arguments of :class:`~napari_pdcr.methods.ComponentEffects`; None
         skips component profiles (models that are not ``nn.Module`` are skipped anyway).
     bank_images
         Other images for the ``resample`` / ``mean`` component interventions.
@@ -270,51 +269,6 @@ def compare_models(models, image, target_region, reference=None, progress=None, 
     return drive(iter_compare_models(models, image, target_region, reference, **options), progress)
 
 
-def _prefixed(name: str, generator: Generator) -> Generator[Progress, None, object]:
-    while True:
-        try:
-            progress = next(generator)
-        except StopIteration as stop:
-            return stop.value
-        try:
-            yield replace(progress, stage=f"{name}: {progress.stage}")
-        except GeneratorExit:
-            generator.close()
-            raise
-
-
-def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> list:
-    """Show each model's ATE map over the image in napari's grid mode, one cell per model.
-
-    The maps share symmetric contrast limits, linked so that changing one changes all;
-    ``image_layer`` (the explained image layer) is copied under each map and gives the
-    geometry. The new layers are moved to the bottom of the layer list so that each grid
-    cell holds one model (other layers get cells after them). Returns the added layers.
-    """
-    from napari.experimental import link_layers
-    from napari.layers import Layer
-
-    from napari_pdcr._napari.layers import explanation_layer_data
-
-    limit = max((float(np.abs(p.explanation.ate).max()) for p in comparison.profiles), default=0.0) or 1e-6
-    added, maps = [], []
-    for p in comparison.profiles:
-        if image_layer is not None:
-            added.append(viewer.add_image(
-                image_layer.data, name=f"{p.model} image", colormap="gray",
-                scale=image_layer.scale, translate=image_layer.translate,
-            ))
-        data = explanation_layer_data(p.explanation, source_layer=image_layer, name=f"{p.model} ATE",
-                                      show_prediction=False, show_target_region=True)
-        layers = [viewer.add_layer(Layer.create(*item)) for item in data]
-        layers[0].contrast_limits = (-limit, limit)
-        maps.append(layers[0])
-        added += layers
-    if len(maps) > 1:
-        link_layers(maps, ("contrast_limits", "opacity", "colormap"))
-    # grid cells are filled from the bottom of the layer list: put the models' layers there
-    viewer.layers.move_multiple([viewer.layers.index(layer) for layer in added], 0)
-    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
-    grid.stride = len(added) // max(1, len(comparison.profiles))
-    grid.enabled = True
-    return added
+def _prefixed(name: str):
+    """A progress transform that puts ``name`` before the stage."""
+    return lambda progress: replace(progress, stage=f"{name}: {progress.stage}")

@@ -10,28 +10,27 @@ Usage (console or script)::
 
 ``iter_attribute`` is the same computation as a generator that yields
 :class:`~napari_pdcr.engine.estimator.Progress` after every forward batch and returns
-the :class:`~napari_pdcr.explanation.RegionExplanation`; the napari widget runs it in a
+the :class:`~napari_pdcr.explanations.region.RegionExplanation`; the napari widget runs it in a
 worker, and stopping the generator cancels the run with nothing half-made.
 """
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Generator
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
 
 from napari_pdcr.engine.blocks import BlockGroups, InputBlocks
 from napari_pdcr.engine.estimator import (
+    SHARED_DRAWS_NOT_ADAPTIVE,
     BatchRunner,
     EstimatorSettings,
     NodeStatus,
     Progress,
-    drive,
     estimate_effects,
+    relay,
 )
 from napari_pdcr.engine.reach import (
     aligned_window,
@@ -41,19 +40,17 @@ from napari_pdcr.engine.reach import (
 )
 from napari_pdcr.engine.scoring import PRECISIONS
 from napari_pdcr.engine.windowed import WindowedInputBlocks
-from napari_pdcr.explanation import RegionExplanation
+from napari_pdcr.explanations.region import RegionExplanation
 from napari_pdcr.interventions import Intervention, make_intervention
+from napari_pdcr.methods.base import Method
 from napari_pdcr.models.base import SegmentationModel
-from napari_pdcr.models.devices import resolve_device
 from napari_pdcr.outcomes import Outcome, outcome_for
 from napari_pdcr.regions import (
     BlockGrid,
     block_shape_for,
-    validate_reference,
-    validate_region,
     voxel_spacing,
 )
-from napari_pdcr.validation import optional_positive_int, positive_float, shown
+from napari_pdcr.validation import shown
 
 #: Presets of the ``mode`` argument: which accelerations are on.
 MODES = {
@@ -67,38 +64,7 @@ MODES = {
 }
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape a result, for provenance."""
-    import monai
-
-    from napari_pdcr import __version__
-
-    return {
-        "napari_pdcr": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def run_provenance(seed: int) -> dict:
-    """Provenance of one run: package versions, creation time (UTC) and seed."""
-    return {
-        "versions": package_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seed": seed,
-    }
-
-
-def default_batch_size(device: torch.device, item_bytes: int, memory_budget_mb: float) -> int:
-    """Items per forward batch: bounded by a memory budget (activations ~64x the input)."""
-    by_memory = int(memory_budget_mb * 2**20 // max(1, 64 * item_bytes))
-    cap = 32 if device.type == "cpu" else 512
-    return max(1, min(cap, by_memory))
-
-
-class RegionEffects:
+class RegionEffects(Method):
     """Causal effects of input blocks on a segmentation model's output in a target region.
 
     Parameters
@@ -153,29 +119,26 @@ class RegionEffects:
         precision: str = "float32",
         se_target: float = 0.1,
     ):
+        super().__init__(model, seed=seed, device=device, batch_size=batch_size, memory_budget_mb=memory_budget_mb)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {shown(mode)}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {shown(precision)}")
         self.settings = EstimatorSettings(
-            n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=seed,
+            n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=self.seed,
             adaptive=MODES[mode]["adaptive"], se_target=se_target,
         )
         block_shape_for(block_shape, model.spatial_dims)
-        self.model = model
         self.intervention = make_intervention(intervention) if isinstance(intervention, str) else intervention
         self.outcome = outcome_for(outcome, model)
         self.block_shape = block_shape
-        self.mode, self.seed, self.precision = mode, self.settings.seed, precision
-        self.device = resolve_device(device)
-        self.batch_size = optional_positive_int("batch_size", batch_size)
-        self.memory_budget_mb = positive_float("memory_budget_mb", memory_budget_mb)
+        self.mode, self.precision = mode, precision
 
-    def parameters(self) -> dict:
-        """Every parameter of the method, JSON-serialisable (for provenance)."""
+    name = "region_effects"
+
+    def method_parameters(self) -> dict:
         s = self.settings
         return {
-            "method": "region_effects",
             "intervention": self.intervention.describe(),
             "outcome": self.outcome.describe(),
             "block_shape": self.block_shape,
@@ -186,39 +149,41 @@ class RegionEffects:
             "adaptive": s.adaptive,
             "coarse_factor": MODES[self.mode]["coarse_factor"],
             "se_target": s.se_target if s.adaptive else None,
-            "seed": self.seed,
-            "device": str(self.device),
             "precision": self.precision,
         }
-
-    def attribute(self, image, target_region, reference=None, spacing=None, progress=None) -> RegionExplanation:
-        """Run to completion; see :meth:`iter_attribute`. ``progress(Progress)`` may return False to cancel."""
-        return drive(self.iter_attribute(image, target_region, reference, spacing), progress)
 
     def iter_attribute(
         self, image, target_region, reference=None, spacing=None
     ) -> Generator[Progress, None, RegionExplanation]:
         """Region effects as a generator of progress.
 
-        Parameters
-        ----------
-        image
-            ``(C, H, W)`` or ``(C, D, H, W)`` array, raw intensities (the model's
-            preprocessing is applied).
-        target_region
-            Bool mask of the image's spatial shape: where the outcome is measured.
-        reference
-            Optional mask (ground truth) of the same shape for Dice outcomes; ``None``
-            uses the model's own unperturbed prediction.
+        ``image``, ``target_region``, ``reference``: see :meth:`Method.check_inputs`.
+
         spacing
             Voxel size per axis (e.g. mm), used for distances in the summaries.
         """
+        explanations = yield from self.iter_attribute_outcomes(image, target_region, [self.outcome], reference, spacing)
+        return explanations[0]
+
+    def iter_attribute_outcomes(
+        self, image, target_region, outcomes, reference=None, spacing=None
+    ) -> Generator[Progress, None, list[RegionExplanation]]:
+        """Region effects for several outcomes on the same draws (e.g. a temperature sweep).
+
+        Every forward batch is scored by each outcome, so the run costs the forward passes
+        of one; explanation ``j`` equals a run with ``outcomes[j]`` alone and the same seed.
+        Several outcomes need a non-adaptive mode (``"exact"`` or ``"published"``).
+        """
+        outcomes = [outcome_for(outcome, self.model) for outcome in outcomes]
+        if not outcomes:
+            raise ValueError("give at least one outcome to measure")
+        if len(outcomes) > 1 and self.settings.adaptive:
+            raise ValueError(SHARED_DRAWS_NOT_ADAPTIVE)
+        scored = outcomes[0] if len(outcomes) == 1 else outcomes
         t_start = time.perf_counter()
         # every input is checked here, before the model moves or runs
-        x = self.model.prepare_image(image)
+        x, region, ref = self.check_inputs(image, target_region, reference)
         spatial = tuple(x.shape[1:])
-        region = validate_region(target_region, spatial, "target region")
-        ref = None if reference is None else validate_reference(reference, spatial)
         spacing = voxel_spacing(spacing, len(spatial))
         grid = BlockGrid.create(spatial, self.block_shape)
         if any(b > n for b, n in zip(grid.block_shape, spatial, strict=True)):
@@ -233,8 +198,7 @@ class RegionEffects:
                 "choose a smaller region or smaller blocks"
             )
         self.intervention.check(x, grid.block_shape)
-        model = self.model.to(self.device)
-        x = x.to(self.device)
+        model, x = self.to_device(x)
         options = MODES[self.mode]
         candidates = ~target_blocks
         timings, log = {}, []
@@ -248,14 +212,10 @@ class RegionEffects:
         reach, probe_passes = candidates, 0
         if options["skip_unreachable"] and candidates.any() and not windowed:
             t0 = time.perf_counter()
-            probe = iter_reachable_blocks(model, x, grid, region, candidates)
-            while True:
-                try:
-                    done, total, probe_passes = next(probe)
-                except StopIteration as stop:
-                    reach, probe_passes = stop.value
-                    break
-                yield Progress("reach", done, total, probe_passes, time.perf_counter() - t_start)
+            reach, probe_passes = yield from relay(
+                iter_reachable_blocks(model, x, grid, region, candidates),
+                lambda step: Progress("reach", *step, time.perf_counter() - t_start),
+            )
             verified, passes = verify_unreachable(model, x, grid, region, reach, candidates, self.seed)
             probe_passes += passes
             if not verified:
@@ -286,12 +246,12 @@ class RegionEffects:
             timings["window_s"] = time.perf_counter() - t0
 
         if windowed:
-            nodes = WindowedInputBlocks(model, x, grid, region, self.outcome, self.intervention, ref, self.precision)
+            nodes = WindowedInputBlocks(model, x, grid, region, scored, self.intervention, ref, self.precision)
             if options["skip_unreachable"]:
                 reach = candidates & nodes.reachable_blocks()
         else:
-            nodes = InputBlocks(model, x, grid, region, self.outcome, self.intervention, ref, window, self.precision)
-        batch_size = self.batch_size or default_batch_size(self.device, nodes.item_bytes, self.memory_budget_mb)
+            nodes = InputBlocks(model, x, grid, region, scored, self.intervention, ref, window, self.precision)
+        batch_size = self.choose_batch_size(nodes.item_bytes)
         runner = BatchRunner(batch_size)
         to_estimate = np.flatnonzero(reach.ravel())
         pruned, coarse_passes = np.zeros(grid.n_blocks, bool), 0
@@ -300,11 +260,15 @@ class RegionEffects:
             to_estimate = to_estimate[~pruned[to_estimate]]
         estimates = yield from estimate_effects(nodes, to_estimate, self.settings, runner)
 
-        status = estimates.status.reshape(grid.shape)
-        status.ravel()[pruned] = NodeStatus.PRUNED_COARSE
-        estimates.n_draws[pruned] = self.settings.n_screen
-        status[target_blocks] = NodeStatus.TARGET
-        prediction = self._full_prediction(model, x, nodes)
+        # one column per outcome
+        ate, standard_error, n_draws, status = (
+            np.asarray(values).reshape(grid.n_blocks, -1)
+            for values in (estimates.ate, estimates.standard_error, estimates.n_draws, estimates.status)
+        )
+        status[pruned] = NodeStatus.PRUNED_COARSE
+        n_draws[pruned] = self.settings.n_screen
+        status[target_blocks.ravel()] = NodeStatus.TARGET
+        base_outcomes = np.atleast_1d(estimates.base_outcome)
         timings["estimate_s"] = estimates.elapsed_s
         timings["total_s"] = time.perf_counter() - t_start
         parameters = self.parameters()
@@ -319,24 +283,27 @@ class RegionEffects:
         if windowed:
             parameters["sliding_window"] = {**model.sliding_window.describe(), **nodes.summary()}
             log += nodes.log
-        return RegionExplanation(
-            block_effects=estimates.ate.reshape(grid.shape).astype(np.float32),
-            block_standard_error=estimates.standard_error.reshape(grid.shape).astype(np.float32),
-            block_draws=estimates.n_draws.reshape(grid.shape),
-            block_status=status,
-            block_shape=grid.block_shape,
-            target_region=region,
-            prediction=prediction,
-            reference=ref,
-            base_outcome=estimates.base_outcome,
-            parameters=parameters,
-            model_identity=model.identity(),
-            provenance=run_provenance(self.seed),
-            timings=timings,
-            forward_passes=estimates.forward_passes + probe_passes + coarse_passes,
-            spacing=None if spacing is None else tuple(float(s) for s in spacing),
-            log=log + estimates.log,
-        )
+        return [
+            RegionExplanation(
+                block_effects=ate[:, j].reshape(grid.shape).astype(np.float32),
+                block_standard_error=standard_error[:, j].reshape(grid.shape).astype(np.float32),
+                block_draws=n_draws[:, j].reshape(grid.shape),
+                block_status=status[:, j].reshape(grid.shape),
+                block_shape=grid.block_shape,
+                target_region=region,
+                prediction=self._full_prediction(model, x, nodes, outcome),
+                reference=ref,
+                base_outcome=float(base_outcomes[j]),
+                parameters={**parameters, "outcome": outcome.describe()},
+                model_identity=model.identity(),
+                provenance=self.provenance(),
+                timings=timings,
+                forward_passes=estimates.forward_passes + probe_passes + coarse_passes,
+                spacing=None if spacing is None else tuple(float(s) for s in spacing),
+                log=log + estimates.log,
+            )
+            for j, outcome in enumerate(outcomes)
+        ]
 
     def _coarse_screen(self, nodes: InputBlocks, grid: BlockGrid, blocks: np.ndarray, runner: BatchRunner, factor: int):
         """Approximate: screen ``factor``-times coarser groups of ``blocks`` jointly first.
@@ -370,14 +337,14 @@ class RegionEffects:
             probes.append(probe)
         return probes
 
-    def _full_prediction(self, model: SegmentationModel, x: torch.Tensor, nodes: InputBlocks) -> np.ndarray:
+    def _full_prediction(self, model: SegmentationModel, x: torch.Tensor, nodes: InputBlocks, outcome: Outcome) -> np.ndarray:
         """The unperturbed thresholded prediction of the explained channel on the whole image."""
         with torch.inference_mode():
             scores = model(x[None]).flatten(2)
-        mask = self.outcome.predicted_mask(scores, model.activation, nodes.channel)[0]
+        mask = outcome.predicted_mask(scores, model.activation, nodes.channel)[0]
         return mask.reshape(x.shape[1:]).cpu().numpy()
 
 
 def explain_region(model, image, target_region, reference=None, spacing=None, progress=None, **parameters):
     """One call: ``RegionEffects(model, **parameters).attribute(image, target_region, reference)``."""
-    return RegionEffects(model, **parameters).attribute(image, target_region, reference, spacing, progress)
+    return RegionEffects(model, **parameters).attribute(image, target_region, reference, spacing, progress=progress)

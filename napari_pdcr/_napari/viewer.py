@@ -1,0 +1,59 @@
+"""Results in a viewer: any :class:`~napari_pdcr.explanations.Explanation` as layers, and
+several models' maps side by side.
+
+:meth:`Explanation.add_to_viewer <napari_pdcr.explanations.Explanation.add_to_viewer>`
+reaches :func:`add_to_viewer` lazily, so the core never imports napari.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.experimental import link_layers
+from napari.layers import Layer
+
+from napari_pdcr._napari.layers import explanation_layer_data
+from napari_pdcr.explanations import Explanation
+from napari_pdcr.plotting.style import symmetric_limit
+from napari_pdcr.studies.comparison import ModelComparison
+
+
+def add_to_viewer(viewer, explanation: Explanation, **options) -> list[Layer]:
+    """Add an explanation's layers to ``viewer`` and return them.
+
+    ``options`` are those of :func:`~napari_pdcr._napari.layers.explanation_layer_data`
+    for the explanation's kind; ``source_layer`` is the explained image layer, whose scale
+    and translate the new layers copy.
+    """
+    return [viewer.add_layer(Layer.create(*item)) for item in explanation_layer_data(explanation, **options)]
+
+
+def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> list:
+    """Show each model's ATE map over the image in napari's grid mode, one cell per model.
+
+    The maps share symmetric contrast limits, linked so that changing one changes all;
+    ``image_layer`` (the explained image layer) is copied under each map and gives the
+    geometry. The new layers are moved to the bottom of the layer list so that each grid
+    cell holds one model (other layers get cells after them). Returns the added layers.
+    """
+    limit = symmetric_limit(np.concatenate([p.explanation.ate.ravel() for p in comparison.profiles]))
+    added, maps = [], []
+    for p in comparison.profiles:
+        if image_layer is not None:
+            added.append(viewer.add_image(
+                image_layer.data, name=f"{p.model} image", colormap="gray",
+                scale=image_layer.scale, translate=image_layer.translate,
+            ))
+        data = explanation_layer_data(p.explanation, source_layer=image_layer, name=f"{p.model} ATE",
+                                      show_prediction=False, show_target_region=True)
+        layers = [viewer.add_layer(Layer.create(*item)) for item in data]
+        layers[0].contrast_limits = (-limit, limit)
+        maps.append(layers[0])
+        added += layers
+    if len(maps) > 1:
+        link_layers(maps, ("contrast_limits", "opacity", "colormap"))
+    # grid cells are filled from the bottom of the layer list: put the models' layers there
+    viewer.layers.move_multiple([viewer.layers.index(layer) for layer in added], 0)
+    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
+    grid.stride = len(added) // max(1, len(comparison.profiles))
+    grid.enabled = True
+    return added
