@@ -35,7 +35,12 @@ import torch
 from napari_pdcr import PatchBank
 from napari_pdcr.cli import bank_from_stack, demo_target_region
 from napari_pdcr.explanations.region import RegionExplanation
-from napari_pdcr.models.demo import DEMO_MODELS, demo_weights_path, load_demo_model
+from napari_pdcr.models.demo import (
+    DEMO_MODELS,
+    TEMPERATURE_SERIES,
+    demo_weights_path,
+    load_demo_model,
+)
 from napari_pdcr.samples import load_sample
 from napari_pdcr.studies.comparison import ModelComparison, compare_models, strategy_profile
 
@@ -47,11 +52,12 @@ LOCALITY_MM = 16.0
 
 
 def shipped_2d_models() -> dict:
-    """Every registered 2D demo model whose weights are present, by name."""
+    """Every registered 2D demo model whose weights are present, by name; the temperature series
+    has its own study (benchmarks/temperature_study.py)."""
     return {
         name: load_demo_model(name)
         for name, spec in DEMO_MODELS.items()
-        if spec.spatial_dims == 2 and demo_weights_path(name).is_file()
+        if spec.spatial_dims == 2 and demo_weights_path(name).is_file() and name not in TEMPERATURE_SERIES
     }
 
 

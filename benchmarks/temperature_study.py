@@ -13,7 +13,7 @@ The temperature series (``unet2d_T0.5``, ``unet2d_T1``, ``unet2d_T2``, ``unet2d_
   Gaussian blur (sigma 1, 2, 3 px), lower contrast (factor 0.7, 0.5, 0.3 about the image
   mean) and an intensity shift (+0.1, +0.2, +0.3); reported as the drop from clean Dice;
 - **strategy profile** on the demo slice and region (``napari_pdcr.cli.demo_target_region``):
-  region effects (natural patches, 8x8 blocks, screen 3 then ``--draws`` draws, tau
+  region effects (natural patches, 8x8 blocks, screen 3 then ``--draws`` draws (default 50, as published), tau
   0.02, Dice against the brain mask) and component effects of the stages;
 - a **temperature sweep** of ``unet2d_T1`` (soft Dice at T = 0.5, 1, 2, 4 and its
   calibrated T, shared draws) on the same slice and region.
@@ -174,7 +174,7 @@ def study_figure(rows: list[dict], comparison):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 draws per block and component (smoke run)")
-    parser.add_argument("--draws", type=int, default=20, help="draws per block / component that passes the screen")
+    parser.add_argument("--draws", type=int, default=50, help="draws per block / component that passes the screen (published: 50)")
     parser.add_argument("--no-doc", action="store_true", help="print only; write nothing under docs/")
     args = parser.parse_args()
     if args.quick:

@@ -16,7 +16,12 @@ if "napari" in _sys.modules and "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from napari_pdcr.engine import Cancelled, NodeStatus, Progress
-from napari_pdcr.explanations import ComponentExplanation, Explanation, RegionExplanation
+from napari_pdcr.explanations import (
+    AttributionMap,
+    ComponentExplanation,
+    Explanation,
+    RegionExplanation,
+)
 from napari_pdcr.interventions import (
     Blur,
     CallableIntervention,
@@ -29,13 +34,25 @@ from napari_pdcr.interventions import (
     make_intervention,
 )
 from napari_pdcr.io import DamagedStoreError
-from napari_pdcr.methods import ComponentEffects, Method, RegionEffects, explain_region
+from napari_pdcr.methods import (
+    ComponentEffects,
+    GradientXInput,
+    IntegratedGradients,
+    Method,
+    Occlusion,
+    RegionEffects,
+    Rise,
+    SegGradCam,
+    explain_region,
+)
+from napari_pdcr.metrics import Faithfulness
 from napari_pdcr.models import SegmentationModel
 from napari_pdcr.outcomes import Outcome
 from napari_pdcr.regions import BlockGrid, box_region, centered_box
-from napari_pdcr.studies import compare_models
+from napari_pdcr.studies import compare_methods, compare_models
 
 __all__ = [
+    "AttributionMap",
     "BlockGrid",
     "Blur",
     "CallableIntervention",
@@ -45,20 +62,27 @@ __all__ = [
     "Constant",
     "DamagedStoreError",
     "Explanation",
+    "Faithfulness",
+    "GradientXInput",
     "ImageMean",
+    "IntegratedGradients",
     "Intervention",
     "Method",
     "NodeStatus",
     "Noise",
+    "Occlusion",
     "Outcome",
     "PatchBank",
     "Progress",
     "RegionEffects",
     "RegionExplanation",
+    "Rise",
+    "SegGradCam",
     "SegmentationModel",
     "Zero",
     "box_region",
     "centered_box",
+    "compare_methods",
     "compare_models",
     "explain_region",
     "make_intervention",

@@ -416,6 +416,19 @@ def run_explain(args) -> int:
     return write_outputs(explanation, model_image[0], paths)
 
 
+def run_summary(args) -> int:
+    """Open a saved result store (checked for damage) and print its kind and summary as JSON."""
+    from napari_pdcr.explanations import Explanation
+
+    path = Path(args.store)
+    if not path.exists():
+        raise CommandLineError(f"result store {path} does not exist: check the path")
+    explanation = Explanation.load(path)
+    print(json.dumps({"kind": explanation.kind, "model": explanation.model_identity.get("name"),
+                      "summary": explanation.summary()}, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="napari-pdcr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -454,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--box-start", type=int, nargs="+", required=True, help="target box start per axis")
     explain.add_argument("--box-size", type=int, nargs="+", default=[32], help="target box size")
     explain.set_defaults(func=run_explain)
+
+    summary = sub.add_parser("summary", help="check a saved result store and print its summary (JSON)")
+    summary.add_argument("store", help="a result store (.zarr folder) written by napari-pdcr")
+    summary.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    summary.set_defaults(func=run_summary)
     return parser
 
 

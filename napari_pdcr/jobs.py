@@ -24,6 +24,7 @@ from napari_pdcr.interventions import make_intervention
 from napari_pdcr.methods import ComponentEffects, RegionEffects
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
+from napari_pdcr.regions import validate_reference
 from napari_pdcr.samples import load_sample
 
 #: Bytes the crops of one patch bank may take (the published 10,000 crops when they fit).
@@ -58,6 +59,13 @@ def region_mask(region, image=None, label: int | None = None, point=None) -> np.
     array = np.asarray(region)
     mask = array == label if label else array != 0
     return component_at(mask, point) if point is not None else mask
+
+
+def reference_mask(reference, label: int | None = None) -> np.ndarray:
+    """A reference mask from a label array: the voxels equal to ``label``; without a label
+    the array must be binary (several labels or probabilities raise ``ValueError``)."""
+    array = np.asarray(reference)
+    return array == label if label else validate_reference(array, array.shape)
 
 
 def region_name(region, label: int | None = None) -> str:

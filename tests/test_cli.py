@@ -295,3 +295,22 @@ def test_demo_checks_its_output_too(capsys, tmp_path):
     assert code == 1
     assert "--output" in one_error_line(err) and "is an existing file" in err
     assert output.read_text() == "user data"
+
+
+def test_summary_checks_a_store_and_reports_damage_in_one_line(tmp_path, capsys):
+    import json
+    import shutil
+
+    from test_napari_layers import make_explanation
+
+    store = make_explanation().save(tmp_path / "result.zarr")
+    code, out, _ = run(capsys, "summary", str(store))
+    assert code == 0
+    printed = json.loads(out)
+    assert printed["kind"] == "region_explanation" and printed["summary"]["counts"]["negative"] == 2
+    shutil.rmtree(store / "block_status")
+    code, _, err = run(capsys, "summary", str(store))
+    assert code == 1
+    assert one_error_line(err).startswith("napari-pdcr: error: this result store is damaged: array 'block_status' is missing")
+    code, _, err = run(capsys, "summary", str(tmp_path / "missing.zarr"))
+    assert code == 1 and "does not exist" in one_error_line(err)

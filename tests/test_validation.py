@@ -362,3 +362,15 @@ def test_block_grid_uses_the_same_block_shape_check():
     with pytest.raises(ValueError, match=r"^block_shape must be a positive integer or 3 of them"):
         BlockGrid.create((8, 8, 8), (2, 2))
     assert BlockGrid.create((8, 8), np.int64(4)).block_shape == (4, 4)
+
+
+def test_console_and_widget_inputs_refuse_a_multi_label_reference_without_a_label():
+    from napari_pdcr.jobs import reference_mask
+
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:4] = 1
+    labels[4:6] = 2
+    with pytest.raises(ValueError, match=r"^the reference mask has 3 distinct values \(0, 1, 2\): pass a binary mask"):
+        reference_mask(labels)
+    np.testing.assert_array_equal(reference_mask(labels, label=2), labels == 2)
+    np.testing.assert_array_equal(reference_mask(labels > 0), labels > 0)

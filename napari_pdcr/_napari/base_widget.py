@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_pdcr._napari import inputs
 from napari_pdcr._napari.inputs import image_spatial_shape, layer_geometry, region_mask
 from napari_pdcr._napari.layers import METADATA_KEY, explanation_from_layer
 from napari_pdcr._napari.plots import EffectPlots
@@ -529,7 +530,7 @@ class DockWidget(BackgroundRun, QWidget):
         reference = self.reference.layer()
         if reference is None:
             return None
-        mask = region_mask(reference, image, label=self.reference_value.value())
+        mask = inputs.reference_mask(reference, label=self.reference_value.value())
         check_shape(mask, image, f"reference {reference.name!r}")
         return mask
 

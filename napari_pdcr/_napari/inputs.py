@@ -80,6 +80,11 @@ def region_mask(region, image=None, label: int | None = None, point=None) -> np.
     return jobs.region_mask(array, label=label, point=point)
 
 
+def reference_mask(reference, label: int | None = None) -> np.ndarray:
+    """A reference mask from a Labels layer or an array (see :func:`napari_pdcr.jobs.reference_mask`)."""
+    return jobs.reference_mask(layer_array(reference) if _is_layer(reference, "Labels") else reference, label)
+
+
 def region_name(region, label: int | None = None) -> str:
     """How a run names its target region: the layer's name, plus ``#label`` if it holds other labels too."""
     name = getattr(region, "name", "")

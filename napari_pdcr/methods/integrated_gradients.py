@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 
 from napari_pdcr.engine.estimator import Progress
-from napari_pdcr.methods.attribution import BASELINES, AttributionMethod, baseline_image, channel_sum
+from napari_pdcr.methods.attribution import (
+    BASELINES,
+    AttributionMethod,
+    baseline_image,
+    channel_sum,
+)
 from napari_pdcr.validation import positive_int, shown
 
 

@@ -6,7 +6,12 @@ import time
 
 import torch
 
-from napari_pdcr.components.enumerate import Component, enumerate_components, find_component, network_of
+from napari_pdcr.components.enumerate import (
+    Component,
+    enumerate_components,
+    find_component,
+    network_of,
+)
 from napari_pdcr.engine.estimator import Progress
 from napari_pdcr.methods.attribution import AttributionMethod
 

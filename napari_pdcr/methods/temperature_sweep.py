@@ -83,7 +83,7 @@ class TemperatureSweep:
         import matplotlib.pyplot as plt
 
         n = len(self.explanations)
-        fig, axes = plt.subplots(2, max(n, 3), figsize=(3.0 * max(n, 3), 6.4), squeeze=False)
+        fig, axes = plt.subplots(2, max(n, 3), figsize=(3.0 * max(n, 3), 6.4), squeeze=False, layout="constrained")
         limit = max((float(np.abs(e.ate).max()) for e in self.explanations), default=0.0) or 1.0
         for ax, label, e in zip(axes[0], self.labels, self.explanations, strict=False):
             ax.imshow(image, cmap="gray")
@@ -115,7 +115,6 @@ class TemperatureSweep:
         signs.set_ylim(0, 1.02)
         signs.legend(fontsize=7)
         signs.set_title("signs", fontsize=9)
-        fig.tight_layout()
         return fig
 
 

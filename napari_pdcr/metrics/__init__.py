@@ -1,5 +1,10 @@
 """Faithfulness metrics of explanation maps: deletion and insertion curves on the region outcome."""
 
-from napari_pdcr.metrics.faithfulness import Faithfulness, FaithfulnessCurves, block_ranking, support_map
+from napari_pdcr.metrics.faithfulness import (
+    Faithfulness,
+    FaithfulnessCurves,
+    block_ranking,
+    support_map,
+)
 
 __all__ = ["Faithfulness", "FaithfulnessCurves", "block_ranking", "support_map"]

@@ -35,7 +35,12 @@ import torch
 
 from napari_pdcr.engine.composites import CompositeImages, iter_composite_outcomes
 from napari_pdcr.engine.estimator import BatchRunner, Progress, drive
-from napari_pdcr.explanations.attribution import NEGATIVE_SUPPORTS, POSITIVE_SUPPORTS, SIGNS, AttributionMap
+from napari_pdcr.explanations.attribution import (
+    NEGATIVE_SUPPORTS,
+    POSITIVE_SUPPORTS,
+    SIGNS,
+    AttributionMap,
+)
 from napari_pdcr.explanations.region import RegionExplanation
 from napari_pdcr.interventions import Blur, Intervention
 from napari_pdcr.methods.base import default_batch_size
@@ -235,7 +240,7 @@ class Faithfulness:
         model = self.model.to(self.device)
         x = x.to(self.device)
         per_fill, base, passes = [], None, 0
-        for f, (fill_name, fill) in enumerate(self.fills.items()):
+        for fill_name, fill in self.fills.items():
             fill.check(x, grid.block_shape)
             composites = CompositeImages(model, x, self._fill_image(fill, x, grid), region, self.outcomes,
                                          masks=(n_nodes, keep_mask), reference=ref)
