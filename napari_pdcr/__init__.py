@@ -15,6 +15,7 @@ import sys as _sys
 if "napari" in _sys.modules and "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from napari_pdcr.calibration import calibrate, fit_temperature
 from napari_pdcr.engine import Cancelled, NodeStatus, Progress
 from napari_pdcr.explanations import (
     AttributionMap,
@@ -50,6 +51,7 @@ from napari_pdcr.models import SegmentationModel
 from napari_pdcr.outcomes import Outcome
 from napari_pdcr.regions import BlockGrid, box_region, centered_box
 from napari_pdcr.studies import compare_methods, compare_models
+from napari_pdcr.studies.temperature_sweep import temperature_sweep
 
 __all__ = [
     "AttributionMap",
@@ -81,9 +83,12 @@ __all__ = [
     "SegmentationModel",
     "Zero",
     "box_region",
+    "calibrate",
     "centered_box",
     "compare_methods",
     "compare_models",
     "explain_region",
+    "fit_temperature",
     "make_intervention",
+    "temperature_sweep",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``napari-pdcr demo`` (the main job on bundled data) and ``napari-pdcr explain``."""
+"""Command line: ``napari-pdcr demo`` (the main job on bundled data), ``explain``, ``summary`` and ``study``."""
 
 from __future__ import annotations
 
@@ -429,6 +429,17 @@ def run_summary(args) -> int:
     return 0
 
 
+def run_study(args) -> int:
+    """Run a batch study from a YAML / JSON spec on Dask; exit code 1 when any task failed."""
+    from napari_pdcr import studies
+
+    report = studies.run(args.spec, scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
+    print(report.to_text())
+    print(f"table: {report.output / 'tasks.parquet'} (and tasks.csv); per-model profiles: "
+          f"{report.output / 'profiles.csv'}, {report.output / 'models.png'}")
+    return 1 if report.failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="napari-pdcr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -472,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("store", help="a result store (.zarr folder) written by napari-pdcr")
     summary.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     summary.set_defaults(func=run_summary)
+
+    study = sub.add_parser("study", help="run a batch study (images x models x methods) from a spec on Dask")
+    study.add_argument("spec", help="the study spec (.yaml or .json)")
+    where = study.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="address of an existing Dask scheduler")
+    where.add_argument("--cluster", choices=["slurm"], help="start SLURM jobs through dask-jobqueue")
+    study.add_argument("--workers", type=int, help="worker processes (default: one per core) or SLURM jobs")
+    study.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    study.set_defaults(func=run_study)
     return parser
 
 

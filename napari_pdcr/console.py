@@ -102,9 +102,21 @@ def explain(
     reference = _layer(reference, viewer)
     bank = _layer(bank, viewer)
     if viewer is not None or any(_from_napari(obj) for obj in (image, target, reference, bank)):
-        from napari_pdcr._napari.inputs import image_array, layer_geometry, reference_mask, region_mask, region_name
+        from napari_pdcr._napari.inputs import (
+            image_array,
+            layer_geometry,
+            reference_mask,
+            region_mask,
+            region_name,
+        )
     else:
-        from napari_pdcr.jobs import image_array, layer_geometry, reference_mask, region_mask, region_name
+        from napari_pdcr.jobs import (
+            image_array,
+            layer_geometry,
+            reference_mask,
+            region_mask,
+            region_name,
+        )
     geometry = layer_geometry(image)
     job = ExplainJob(
         image=image_array(image),

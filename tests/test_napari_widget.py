@@ -59,28 +59,43 @@ def set_parameters(widget, **values):
 
 
 def wait_for_run(qtbot, widget, timeout_s=120):
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=int(timeout_s * 1000))
+    """Until the run has ended and its result (if any) is shown: layers and plots come in over several turns."""
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.result_pending, timeout=int(timeout_s * 1000))
 
 
 class StallMeter:
-    """Ticks of a 10 ms QTimer; the longest gap between ticks is the longest event-loop stall."""
+    """Ticks of a 10 ms QTimer; the longest gap between ticks is the longest event-loop stall.
+
+    Each tick also records the GUI thread's CPU time, so a stall can be split into work
+    done on the GUI thread and waiting for a CPU (other processes, the worker's GIL).
+    """
 
     def __init__(self):
         from qtpy.QtCore import QTimer
 
         self.timer = QTimer()
         self.timer.setInterval(10)
-        self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
+        self.timer.timeout.connect(self.tick)
         self.ticks = []
 
+    def tick(self):
+        self.ticks.append((time.perf_counter(), time.thread_time()))
+
     def start(self):
-        self.ticks = [time.perf_counter()]
+        self.ticks = []
+        self.tick()
         self.timer.start()
+
+    def longest(self, until: float) -> tuple[float, float]:
+        """The longest stall before ``until`` (a ``perf_counter`` time; the wait up to it counts):
+        ``(wall seconds, GUI-thread CPU seconds within it)``."""
+        ticks = np.array([t for t in self.ticks if t[0] <= until] + [(until, time.thread_time())])
+        i = int(np.diff(ticks[:, 0]).argmax())
+        return float(ticks[i + 1, 0] - ticks[i, 0]), float(ticks[i + 1, 1] - ticks[i, 1])
 
     def longest_gap(self, until: float) -> float:
         """Longest stall before ``until`` (a ``perf_counter`` time), counting the wait up to it."""
-        times = np.array([t for t in self.ticks if t <= until] + [until])
-        return float(np.diff(times).max())
+        return self.longest(until)[0]
 
 
 def test_widget_docks_with_defaults(viewer_2d):

@@ -1,6 +1,6 @@
 """Regenerate the user guide's screenshots (needs a display: run under ``xvfb-run -a``).
 
-    xvfb-run -a python docs/images/make_screenshots.py [--only 2d|3d]
+    xvfb-run -a python docs/images/make_screenshots.py [--only 2d|3d|components]
 
 Drives the dock widget as a user would (open the sample, brush a region, Run) and saves
 PNGs next to this script.
@@ -15,6 +15,8 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
+from napari_pdcr._napari.components_widget import ComponentsWidget
+from napari_pdcr._napari.viewer import view_in_3d
 from napari_pdcr._napari.widget import RegionEffectsWidget
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +43,7 @@ def open_viewer(sample: str):
 def run(widget, timeout_s: float = 1800) -> None:
     widget.run()
     start = time.perf_counter()
-    while widget.worker is not None and time.perf_counter() - start < timeout_s:
+    while (widget.worker is not None or widget.result_pending) and time.perf_counter() - start < timeout_s:
         settle(0.1)
     settle(1.0)
 
@@ -69,7 +71,7 @@ def shots_2d() -> None:
     settle()
     grab(viewer, "widget_setup_2d.png")
     run(widget)
-    viewer.layers.selection.active = viewer.layers[-2]
+    viewer.layers.selection.active = viewer.layers["unet2d ATE: target region"]  # its controls, as after a click
     settle()
     grab(viewer, "widget_result_2d.png")
     _save_plot(widget.plot.image, "plots_2d.png")
@@ -96,24 +98,44 @@ def shots_3d() -> None:
     region.mode = "pan_zoom"
     widget.block_size.setValue(8)
     widget.intervention.setCurrentText("zero")
+    widget.show_prediction.setChecked(True)
     settle()
     run(widget)
     viewer.dims.set_current_step(0, 49)  # through the region
     settle()
     grab(viewer, "widget_result_3d_slice.png")
-    viewer.dims.ndisplay = 3
-    viewer.scene.camera.angles = (15, -30, 80)
-    viewer.scene.camera.zoom *= 0.75
-    settle(1.0)
+    view_in_3d(viewer, widget.result)  # what "View in 3D around the region" does
+    settle(1.5)
     grab(viewer, "widget_result_3d_render.png")
+    viewer.close()
+
+
+def shots_components() -> None:
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 1000)
+    viewer.open_sample("napari-pdcr", "colin27_slice")
+    viewer.layers["colin27_slice brain mask"].visible = False
+    widget = ComponentsWidget(viewer)
+    viewer.window.add_dock_widget(widget, area="right", name="Components")
+    widget.run()  # the first Run creates the region layer to paint
+    region = viewer.layers["target region"]
+    region.data[60:76, 40:56] = 1  # 16x16 px of left frontal cortex
+    region.refresh()
+    region.mode = "pan_zoom"
+    widget.region_choice.select("target region")
+    widget.n_estimate.setValue(10)
+    run(widget)
+    grab(viewer, "components_widget.png", scale=1.0)
     viewer.close()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("2d", "3d"))
+    parser.add_argument("--only", choices=("2d", "3d", "components"))
     args = parser.parse_args()
     if args.only in (None, "2d"):
         shots_2d()
     if args.only in (None, "3d"):
         shots_3d()
+    if args.only in (None, "components"):
+        shots_components()

@@ -14,12 +14,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from napari.layers import Image, Labels, Shapes
+from napari.layers import Image, Labels, Layer, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
 from napari.utils.theme import get_theme
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -66,6 +66,8 @@ BUNDLED_BANK = "bundled sample images"
 REGION_LAYER_NAME = "target region"
 PAINT_REGION = "target region (to paint)"
 REGION_COLOR = "lime"
+#: Delay (ms) that puts a step in a later event-loop turn, after pending paints and other timers.
+TURN_MS = 30
 #: Exceptions whose message is written for users (shown as is, without a traceback).
 USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError, MemoryError, FloatingPointError)
 
@@ -81,6 +83,54 @@ def user_message(error: BaseException) -> str:
         problem, _, fix = text.partition(": ")
         return f"{capitalised(fix)}: {problem}." if fix else f"{capitalised(text)}."
     return f"The run failed unexpectedly ({type(error).__name__}: {error}); details are in the log."
+
+
+def add_without_selecting(viewer, layer_data: tuple):
+    """Add the layer ``layer_data`` ``(data, kwargs, type)`` describes to ``viewer``, keeping the selection.
+
+    napari selects a newly added layer, which builds and draws its layer controls at once
+    (0.1-0.5 s on the GUI thread with software OpenGL); the person selects the map when
+    they want its controls. Uses napari's ``LayerList._activate_on_insert`` switch.
+    """
+    layers = viewer.layers
+    activate = getattr(layers, "_activate_on_insert", True)
+    layers._activate_on_insert = False
+    try:
+        return viewer.add_layer(Layer.create(*layer_data))
+    finally:
+        layers._activate_on_insert = activate
+
+
+def in_turns(steps) -> None:
+    """Call each of ``steps`` (callables) in its own event-loop turn, in order.
+
+    Between two steps napari draws and handles input, so no stall is longer than the
+    longest step (e.g. one layer's creation) rather than their sum.
+    """
+    steps = list(steps)
+    if steps:  # a real timer: Qt runs 0 ms single shots as posted events, all in one pass
+        QTimer.singleShot(TURN_MS, lambda: (steps[0](), in_turns(steps[1:])))
+
+
+#: Characters of colour-bar tick labels ("-0.04", "2e-05"), and those vispy measures a line's height with.
+TICK_CHARACTERS = "0123456789.-+e" + " ÅÉÑŐjgpqy"
+
+
+def preload_tick_glyphs(viewer) -> None:
+    """Render the colour bar's tick glyphs now, one per event-loop turn.
+
+    napari renders each glyph of its canvas font on first use (~10-25 ms each, on the GUI
+    thread); the first ATE map's colour bar would otherwise pay for all of them in one
+    frame at the end of a run. Needs napari's Qt canvas (``window._qt_viewer``); a viewer
+    without one is left alone.
+    """
+    viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a public-only proxy
+    canvas = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "canvas", None)
+    if not hasattr(canvas, "font_info"):
+        return
+    font_info = canvas.font_info()
+    font = font_info.font_manager.get_font(font_info.face)
+    in_turns(partial(font.__getitem__, character) for character in TICK_CHARACTERS)
 
 
 def finish_in_worker(job, *steps):
@@ -245,6 +295,8 @@ class DockWidget(BackgroundRun, QWidget):
         self.viewer = napari_viewer
         self.worker = None
         self.result = None
+        #: True from a run's return until its result is shown (layers and plots come in over several turns).
+        self.result_pending = False
         self.given_model: SegmentationModel | None = None
 
     # ------------------------------------------------------------------ layout
@@ -398,6 +450,7 @@ class DockWidget(BackgroundRun, QWidget):
         # full passes, which would otherwise take ~0.5 s on the GUI thread after a run.
         gc.collect()
         gc.freeze()
+        preload_tick_glyphs(self.viewer)
 
     def _results_page(self) -> QWidget:
         page = QWidget()
@@ -601,14 +654,31 @@ class DockWidget(BackgroundRun, QWidget):
         """A result layer came in: an ATE map gets its colour bar; a result made elsewhere is shown."""
         layer = event.value
         result = self.result_of_layer(layer)
-        self.show_colorbar(layer)
+        if not self.result_pending:  # a run's layers get theirs in add_result_layers
+            self.show_colorbar(layer)
         if result is not None and result is not self.result and self.worker is None:
             self.show_result(result)
 
     def show_colorbar(self, layer) -> None:
         """Show napari's colour bar (in the outcome's units) on an ATE map of :attr:`RESULT_KIND`."""
-        if self.result_of_layer(layer) is not None and layer.metadata[METADATA_KEY]["role"] == "ate":
+        ate_map = self.result_of_layer(layer) is not None and layer.metadata[METADATA_KEY]["role"] == "ate"
+        if ate_map and layer in self.viewer.layers:
             layer.colorbar.visible = True
+
+    def add_result_layers(self, layer_data: list[tuple], before=(), then=None) -> None:
+        """Add a run's result layers, one per event-loop turn, without selecting them.
+
+        ``before`` (callables, e.g. removing the previous result's layers) run first, each
+        in its turn; an ATE map's colour bar comes in the turn after its layer (it draws
+        its labels); ``then()`` runs last. See :func:`in_turns`.
+        """
+        added = []
+        steps = list(before)
+        for item in layer_data:
+            steps.append(partial(lambda item: added.append(add_without_selecting(self.viewer, item)), item))
+            if item[1]["metadata"][METADATA_KEY]["role"] == "ate":
+                steps.append(lambda: self.show_colorbar(added[-1]))
+        in_turns([*steps, then] if then is not None else steps)
 
     def figure_step(self):
         """``render_figure`` for this dock's width, pixel ratio and napari theme: ``step(result) -> Figure``."""
@@ -628,6 +698,7 @@ class DockWidget(BackgroundRun, QWidget):
     def present(self, result, summary: str, figure) -> None:
         """Make ``result`` the latest: show its summary and plot (a drawn Figure) in the Results tab."""
         self.result = result
+        self.result_pending = False
         self.summary.setText(summary)
         self.plot.show_figure(figure, self.devicePixelRatioF())
         self.save_button.setEnabled(True)

@@ -1,10 +1,13 @@
-"""npe2 reader: open a saved result store (``*.zarr``) of any kind as result layers."""
+"""npe2 reader: open a saved result store (``*.zarr``) of any kind, or one task of a study store, as layers."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from napari_pdcr._napari.layers import explanation_layer_data, placement
 from napari_pdcr.explanations import RegionExplanation
 from napari_pdcr.io.results import is_explanation_store, load_explanation
+from napari_pdcr.studies.store import is_study_store
 
 
 def get_reader(path):
@@ -16,7 +19,22 @@ def get_reader(path):
         if len(path) != 1:
             return None
         path = path[0]
+    if is_study_store(path):
+        return read_study
     return read_explanation if is_explanation_store(path) else None
+
+
+def read_study(path) -> list[tuple]:
+    """A study store holds one result per task: open one of them (``<store>/tasks/<task id>``).
+
+    Raises ``ValueError`` saying so, with the path of the first finished task.
+    """
+    path = Path(path[0] if isinstance(path, list) else path)
+    tasks_dir = path / "tasks"
+    tasks = sorted(p.name for p in tasks_dir.iterdir() if is_explanation_store(p)) if tasks_dir.is_dir() else []
+    example = f", e.g. {path / 'tasks' / tasks[0]}" if tasks else ""
+    raise ValueError(f"{path} is a napari-pdcr study store with {len(tasks)} finished tasks: open one task's "
+                     f"folder{example} (napari_pdcr.studies.load lists them)")
 
 
 def read_explanation(path) -> list[tuple]:

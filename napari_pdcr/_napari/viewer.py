@@ -11,7 +11,7 @@ import numpy as np
 from napari.experimental import link_layers
 from napari.layers import Layer
 
-from napari_pdcr._napari.layers import explanation_layer_data
+from napari_pdcr._napari.layers import explanation_layer_data, placement
 from napari_pdcr.explanations import Explanation
 from napari_pdcr.plotting.style import symmetric_limit
 from napari_pdcr.studies.comparison import ModelComparison
@@ -25,6 +25,33 @@ def add_to_viewer(viewer, explanation: Explanation, **options) -> list[Layer]:
     and translate the new layers copy.
     """
     return [viewer.add_layer(Layer.create(*item)) for item in explanation_layer_data(explanation, **options)]
+
+
+#: Camera angles (degrees, napari's Euler angles) of :func:`view_in_3d`: obliquely from the front and above.
+OBLIQUE_ANGLES = (15.0, -30.0, 80.0)
+
+
+def view_in_3d(viewer, explanation, margin: float = 1.2) -> None:
+    """Show a 3D result in 3D rendering, the camera on its target region.
+
+    The camera is centred on the box around the target region and the blocks with an
+    effect (world coordinates, from the result's scale and translate), zoomed so that
+    this box grown by ``margin`` fills the view, and seen at :data:`OBLIQUE_ANGLES`.
+    A 2D result is left as it is (``ValueError``).
+    """
+    if explanation.target_region.ndim != 3:
+        raise ValueError("the result is 2D: 3D rendering needs a 3D result (a volume explained by a 3D model)")
+    geometry = placement(explanation)
+    shown = explanation.target_region | (explanation.ate != 0)
+    corners = np.array([[axis.min(), axis.max() + 1] for axis in np.nonzero(shown)], dtype=float)
+    scale, translate = np.asarray(geometry["scale"]), np.asarray(geometry["translate"])
+    low, high = corners[:, 0] * scale + translate, corners[:, 1] * scale + translate
+    viewer.dims.ndisplay = 3
+    viewer.reset_view()  # zoom for the whole scene, then zoom in to the box
+    scene = np.ptp(np.asarray(viewer.layers.extent.world)[:, -3:], axis=0).max()
+    viewer.camera.center = tuple((low + high) / 2)
+    viewer.camera.zoom *= scene / (margin * (high - low).max())
+    viewer.camera.angles = OBLIQUE_ANGLES
 
 
 def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> list:

@@ -36,6 +36,7 @@ from napari_pdcr._napari.base_widget import (
 from napari_pdcr._napari.inputs import image_array, layer_geometry, region_name
 from napari_pdcr._napari.layers import METADATA_KEY, explanation_layer_data
 from napari_pdcr._napari.plots import render_plots
+from napari_pdcr._napari.viewer import view_in_3d
 from napari_pdcr.explanations import RegionExplanation
 from napari_pdcr.jobs import ExplainJob
 
@@ -69,6 +70,12 @@ class RegionEffectsWidget(DockWidget):
                   self._temperature_group(), self.advanced_section(self._add_layer_rows)]
         self.assemble(groups, "Compute the ATE map in the background.")
         self._on_region_kind_changed(self.region_kind.currentText())
+        self.view_3d_button = QPushButton("View in 3D around the region")
+        self.view_3d_button.setToolTip("3D rendering, the camera centred and zoomed on the region and its effects.")
+        self.view_3d_button.clicked.connect(lambda: view_in_3d(self.viewer, self.result))
+        results = self.save_button.parentWidget().layout()
+        results.insertWidget(results.indexOf(self.save_button) + 1, self.view_3d_button)
+        self.view_3d_button.setVisible(self.result is not None and self.result.target_region.ndim == 3)
 
     @property
     def explanation(self):
@@ -366,20 +373,30 @@ class RegionEffectsWidget(DockWidget):
         ]
 
     def _on_returned(self, result) -> None:
-        """Hide (or remove) the image's previous result, add the new layers with a colour bar, show the plots."""
+        """Hide (or remove) the image's previous result, add the new layers with a colour bar, show the plots.
+
+        The layers and the plots come in one per event-loop turn (see ``add_result_layers``).
+        """
         explanation, layer_data, figure = result
+        self.result_pending = True
         self.result = explanation  # before the layers go in: they carry it (see _on_layer_inserted)
         if self.job is not None and self.keep_image.isChecked():
             explanation.extras["image"] = np.asarray(self.job.image, dtype=np.float32)
         image_name = (explanation.provenance.get("source_layer") or {}).get("name")
-        for layer in self.previous_results(image_name):
-            if self.replace_previous.isChecked():
-                self.viewer.layers.remove(layer)
-            else:
-                layer.visible = False
-        for item in layer_data:  # the ATE map gets its colour bar in _on_layer_inserted
-            self.viewer.add_layer(Layer.create(*item))
-        self.present(explanation, self.summary_text(explanation), figure)
+        previous = self.previous_results(image_name)
+        replace = self.replace_previous.isChecked()
+        for layer in previous if not replace else ():
+            layer.visible = False
+        self.add_result_layers(
+            layer_data,
+            before=[partial(self.viewer.layers.remove, layer) for layer in previous if replace],
+            then=partial(self.present, explanation, self.summary_text(explanation), figure),
+        )
+
+    def present(self, result, summary: str, figure) -> None:
+        """Show the result (see the base class); a 3D result offers the 3D view."""
+        super().present(result, summary, figure)
+        self.view_3d_button.setVisible(result.target_region.ndim == 3)
 
     def summary_text(self, explanation) -> str:
         """The Results tab's summary of a region explanation (with the colour bar's unit)."""

@@ -10,6 +10,8 @@ block effects (negative supports the region, as published).
 from __future__ import annotations
 
 from napari_pdcr.explanations.attribution import NEGATIVE_SUPPORTS, AttributionMap
+from napari_pdcr.explanations.base import COMMON_FIELDS
+from napari_pdcr.explanations.region import MASKS
 from napari_pdcr.methods.base import Method
 from napari_pdcr.methods.region_effects import RegionEffects
 from napari_pdcr.validation import shown
@@ -53,19 +55,13 @@ class Occlusion(Method):
     def iter_attribute(self, image, target_region, reference=None):
         """The occlusion map as a generator of progress (see :meth:`Method.check_inputs`)."""
         effects = yield from self.effects.iter_attribute(image, target_region, reference)
+        common = {name: getattr(effects, name) for name in COMMON_FIELDS}
         return AttributionMap(
             attribution=effects.ate,
-            target_region=effects.target_region,
-            prediction=effects.prediction,
-            reference=effects.reference,
+            **{name: getattr(effects, name) for name in MASKS},
             method=self.name,
             sign=NEGATIVE_SUPPORTS,
             units="outcome change when the block is occluded (Dice points for the Dice outcome)",
             base_score=effects.base_outcome,
-            parameters={**effects.parameters, **self.parameters()},
-            model_identity=effects.model_identity,
-            provenance=effects.provenance,
-            timings=effects.timings,
-            forward_passes=effects.forward_passes,
-            log=effects.log,
+            **{**common, "parameters": {**effects.parameters, **self.parameters()}},
         )

@@ -171,7 +171,8 @@ class RegionEffects(Method):
         """Region effects for several outcomes on the same draws (e.g. a temperature sweep).
 
         Every forward batch is scored by each outcome, so the run costs the forward passes
-        of one; explanation ``j`` equals a run with ``outcomes[j]`` alone and the same seed.
+        of one (a block passing any outcome's screen gets the full estimate); explanation
+        ``j`` equals a run with ``outcomes[j]`` alone and the same seed.
         Several outcomes need a non-adaptive mode (``"exact"`` or ``"published"``).
         """
         outcomes = [outcome_for(outcome, self.model) for outcome in outcomes]

@@ -15,6 +15,8 @@ def plot_components(result, ax=None, top: int | None = 20, title: str | None = N
     Zero effects (screened out or below tau) are grey outlines at their raw mean.
     Returns the matplotlib ``Axes``.
     """
+    import matplotlib
+
     if ax is None:
         import matplotlib.pyplot as plt
 
@@ -28,9 +30,10 @@ def plot_components(result, ax=None, top: int | None = 20, title: str | None = N
     ]
     ax.barh(y, shown, color=[c if not z else "none" for c, z in zip(colors, zero, strict=True)],
             edgecolor=colors, height=0.7)
-    ax.errorbar(shown, y, xerr=1.96 * result.standard_error[order], fmt="none", ecolor="#333333",
+    ink = matplotlib.rcParams["text.color"]  # the theme's text colour: visible on light and dark backgrounds
+    ax.errorbar(shown, y, xerr=1.96 * result.standard_error[order], fmt="none", ecolor=ink,
                 elinewidth=1, capsize=2)
-    ax.axvline(0, color="#333333", linewidth=0.8)
+    ax.axvline(0, color=ink, linewidth=0.8)
     ax.set_yticks(y, [result.components[i].name for i in order])
     ax.set_ylim(-0.6, len(order) - 0.4)
     outcome = result.parameters.get("outcome", {}).get("kind", "dice")

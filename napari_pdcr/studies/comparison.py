@@ -50,12 +50,7 @@ class StrategyProfile:
     @property
     def top_component(self) -> tuple[str, float, float] | None:
         """``(name, ATE, share of the total |component ATE|)`` of the largest component."""
-        if self.components is None:
-            return None
-        magnitude = np.abs(self.components.ate)
-        i = int(self.components.order()[0])
-        share = float(magnitude[i] / magnitude.sum()) if magnitude.sum() > 0 else float("nan")
-        return self.components.components[i].name, float(self.components.ate[i]), share
+        return None if self.components is None else top_component(self.components)
 
     def row(self) -> dict:
         """One table row (JSON-serialisable)."""
@@ -77,6 +72,15 @@ class StrategyProfile:
             "seconds": self.explanation.timings.get("total_s", 0.0)
             + (self.components.timings.get("total_s", 0.0) if self.components else 0.0),
         }
+
+
+def top_component(components: ComponentExplanation) -> tuple[str, float, float]:
+    """``(name, ATE, share of the total |component ATE|)`` of the component with the largest |ATE|
+    (the share is the model's component concentration; NaN when no component has an effect)."""
+    magnitude = np.abs(components.ate)
+    i = int(components.order()[0])
+    share = float(magnitude[i] / magnitude.sum()) if magnitude.sum() > 0 else float("nan")
+    return components.components[i].name, float(components.ate[i]), share
 
 
 def strategy_profile(

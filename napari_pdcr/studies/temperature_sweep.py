@@ -3,8 +3,9 @@
 The outcome's temperature only changes how the region's scores become a number
 (``sigmoid(z / T)``), not what the model computes, so a sweep runs the interventions
 once and scores every forward batch at every temperature: the sweep costs one set of
-forward passes, and each map equals a separate run at that temperature with the same
-seed (same screening, draws and tau rule per temperature).
+forward passes (a block that passes the screen at any temperature gets the full
+estimate), and each map equals a separate run at that temperature with the same seed
+(same screening, draws and tau rule per temperature).
 
     sweep = temperature_sweep(model, image, region, outcome="soft_dice")
     sweep.table()                       # mass, locality, sign fractions per T
