@@ -80,7 +80,7 @@ def main() -> None:
               f"{walls[1] / n:.3f} s/task wall, overhead {walls[1] / n - direct / n:+.3f} s/task "
               f"({walls[1] / direct:.2f}x); in-task overhead (task - method): "
               f"{(one['task_s'] - one['method_s']).mean():.3f} s/task")
-        print(f"per model, method s/task: " + ", ".join(
+        print("per model, method s/task: " + ", ".join(
             f"{m} {g['method_s'].mean():.3f}" for m, g in one.groupby("model")))
         print(f"forward passes per task: {np.mean(one['forward_passes']):.0f}")
     finally:

@@ -48,10 +48,10 @@ from napari_pdcr.calibration import (
 )
 from napari_pdcr.cli import bank_from_stack, demo_target_region
 from napari_pdcr.engine.estimator import drive
-from napari_pdcr.studies.temperature_sweep import temperature_sweep
 from napari_pdcr.models.demo import TEMPERATURE_SERIES, load_demo_model
 from napari_pdcr.samples import colin27_split, load_sample
 from napari_pdcr.studies.comparison import compare_models
+from napari_pdcr.studies.temperature_sweep import temperature_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "images"

@@ -31,11 +31,6 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (
-    binary_calibration_error,
-    multiclass_calibration_error,
-)
-from torchmetrics.functional.classification.calibration_error import _binning_bucketize, _ce_compute
 
 from napari_pdcr.engine.estimator import Progress, drive
 from napari_pdcr.models.base import SegmentationModel
@@ -148,6 +143,14 @@ class TemperatureFit:
 
 def calibration_measures(pixels: PixelLogits, temperature: float, n_bins: int = N_BINS) -> CalibrationMeasures:
     """:class:`CalibrationMeasures` of ``pixels`` at ``temperature``."""
+    # torchmetrics takes ~2 s to import: only when a calibration is measured
+    from torchmetrics.functional.classification import (
+        binary_calibration_error,
+        multiclass_calibration_error,
+    )
+    from torchmetrics.functional.classification.calibration_error import (
+        _ce_compute,
+    )
     temperature = positive_float("temperature", temperature)
     n_bins = positive_int("n_bins", n_bins)
     probability = pixels.tempered(temperature)
@@ -173,6 +176,8 @@ def calibration_measures(pixels: PixelLogits, temperature: float, n_bins: int = 
 
 def reliability_diagram(pixels: PixelLogits, temperature: float, n_bins: int = N_BINS) -> ReliabilityDiagram:
     """:class:`ReliabilityDiagram` of ``pixels`` at ``temperature`` over ``n_bins`` equal-width bins."""
+    from torchmetrics.functional.classification.calibration_error import _binning_bucketize
+
     confidence, accuracy = pixels.confidences(positive_float("temperature", temperature))
     edges = torch.linspace(0, 1, positive_int("n_bins", n_bins) + 1, dtype=torch.float64)
     # torchmetrics bins by the lower edges; a confidence of exactly 1 lands in an extra last bin

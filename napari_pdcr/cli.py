@@ -7,16 +7,15 @@ import json
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from napari_pdcr.interventions import INTERVENTION_NAMES
+from napari_pdcr.io.images import IMAGE_FORMATS, file_stem, read_image
+from napari_pdcr.validation import first_line
 
 #: Image file formats ``explain`` reads (for images and patch-bank files).
-IMAGE_FORMATS = ".npy, .npz (array 'image'), .nii/.nii.gz (needs nibabel) or .tif/.tiff (needs tifffile)"
-_NUMPY_HEADERS = (b"\x93NUMPY", b"PK\x03\x04")  # .npy magic, zip (.npz) magic
 
 
 class CommandLineError(Exception):
@@ -120,117 +119,6 @@ def write_outputs(explanation, image: np.ndarray, paths: tuple[Path, Path, Path]
     return 0
 
 
-# ---------------------------------------------------------------------- reading images
-def file_stem(path: Path) -> str:
-    """The file name without its image suffix (``.nii.gz`` counts as one)."""
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
-
-
-def read_image(path: Path, what: str = "image") -> tuple[np.ndarray, tuple[float, ...] | None]:
-    """A float32 array and its voxel spacing (None when the file has none) from an image file."""
-    if not path.exists():
-        raise CommandLineError(f"{what} {path} does not exist: check the path")
-    if path.is_dir():
-        raise CommandLineError(f"{what} {path} is a folder, not an image file: give a {IMAGE_FORMATS} file")
-    name = path.name.lower()
-    if name.endswith((".npy", ".npz")):
-        array, spacing = _read_numpy(path, what)
-    elif name.endswith((".nii", ".nii.gz")):
-        array, spacing = _read_nifti(path, what)
-    elif name.endswith((".tif", ".tiff")):
-        array, spacing = _read_tiff(path, what), None
-    else:
-        raise CommandLineError(f"{what} {path} is not a supported image file: give a {IMAGE_FORMATS} file")
-    if array.dtype.kind not in "biuf":
-        raise CommandLineError(f"{what} {path} holds {array.dtype} values, not numbers: save a numeric array")
-    array = np.asarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        raise CommandLineError(
-            f"{what} {path} contains NaN or infinite values: replace them (numpy.nan_to_num)"
-        )
-    return array, spacing
-
-
-def _read_numpy(path: Path, what: str) -> tuple[np.ndarray, tuple[float, ...] | None]:
-    with path.open("rb") as file:
-        head = file.read(6)
-    if not head.startswith(_NUMPY_HEADERS):
-        looks = "it looks like text" if _is_text(head) else "it has no NumPy header"
-        raise CommandLineError(
-            f"{what} {path} is not a NumPy .npy/.npz file ({looks}): "
-            "save the array with numpy.save or numpy.savez"
-        )
-    try:
-        if head.startswith(_NUMPY_HEADERS[0]):
-            return np.load(path, allow_pickle=False), None
-        with np.load(path, allow_pickle=False) as data:
-            key = "image" if "image" in data.files else (data.files[0] if len(data.files) == 1 else None)
-            if key is None:
-                raise CommandLineError(
-                    f"{what} {path} has no array named 'image' (it has {', '.join(data.files) or 'none'}): "
-                    "save it with numpy.savez(path, image=array)"
-                )
-            spacing = tuple(float(s) for s in data["spacing"]) if "spacing" in data.files else None
-            return data[key], spacing
-    except ValueError as error:
-        if "allow_pickle" in str(error):
-            raise CommandLineError(
-                f"{what} {path} holds Python objects, not a numeric array, and napari-pdcr never "
-                "unpickles image files: save it as a numeric array"
-            ) from None
-        raise CommandLineError(f"{what} {path} is damaged ({_first_line(error)}): save it again") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise CommandLineError(
-            f"{what} {path} is damaged or truncated ({_first_line(error)}): save it again"
-        ) from None
-
-
-def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    try:
-        import nibabel
-    except ImportError:
-        raise CommandLineError(
-            f"reading the NIfTI {what} {path} needs nibabel, which is not installed: "
-            "pip install nibabel, or save the image as .npy"
-        ) from None
-    try:
-        image = nibabel.load(path)
-        array = np.asarray(image.dataobj)
-    except Exception as error:  # noqa: BLE001 - nibabel raises many kinds for damaged files
-        raise CommandLineError(f"{what} {path} is not a readable NIfTI file ({_first_line(error)})") from None
-    return array, tuple(round(float(z), 6) for z in image.header.get_zooms()[: array.ndim])
-
-
-def _read_tiff(path: Path, what: str) -> np.ndarray:
-    try:
-        import tifffile
-    except ImportError:
-        raise CommandLineError(
-            f"reading the TIFF {what} {path} needs tifffile, which is not installed: "
-            "pip install tifffile, or save the image as .npy"
-        ) from None
-    try:
-        return tifffile.imread(path)
-    except Exception as error:  # noqa: BLE001 - tifffile raises many kinds for damaged files
-        raise CommandLineError(f"{what} {path} is not a readable TIFF file ({_first_line(error)})") from None
-
-
-def _is_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(c.isprintable() or c.isspace() for c in head.decode("utf-8"))
-
-
-def _first_line(error: BaseException) -> str:
-    """An error's message as one line (its class name when it has none)."""
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 # ---------------------------------------------------------------------- models and banks
 def is_factory(source: str) -> bool:
     """True when ``source`` is a ``package.module:function`` factory rather than a path."""
@@ -293,7 +181,7 @@ def load_cli_model(args):
         return load_model(args.model, description=args.description, trusted=args.trusted,
                           checkpoint=args.checkpoint)
     except UntrustedModelError as error:
-        raise CommandLineError(f"{_first_line(error)} (on the command line: --trusted)") from None
+        raise CommandLineError(f"{first_line(error)} (on the command line: --trusted)") from None
 
 
 def read_bank(sources: list[str]) -> list[tuple[np.ndarray, str]]:
@@ -515,7 +403,7 @@ def main(argv=None) -> int:
         hint = "" if isinstance(error, EXPECTED_ERRORS) else (
             f" (unexpected {type(error).__name__}; run with --debug for the traceback)"
         )
-        print(f"napari-pdcr: error: {_first_line(error)}{hint}", file=sys.stderr)
+        print(f"napari-pdcr: error: {first_line(error)}{hint}", file=sys.stderr)
         return 1
 
 

@@ -78,3 +78,10 @@ def value_range(name: str, value) -> tuple[float, float]:
     if not low < high:
         raise ValueError(message)
     return low, high
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message as one line (its class name when it has none)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from napari_pdcr import cli
+from napari_pdcr.io import images
 from napari_pdcr.io.results import load_explanation
 from napari_pdcr.models.demo import demo_weights_path
 from napari_pdcr.samples import load_sample
@@ -231,41 +232,41 @@ def test_bad_bank_sources_are_refused(capsys, tmp_path, brain_crop):
 def test_image_formats(tmp_path):
     image = np.arange(12, dtype=np.uint8).reshape(3, 4)
     np.savez(tmp_path / "a.npz", image=image, spacing=np.array([0.5, 2.0]))
-    array, spacing = cli.read_image(tmp_path / "a.npz")
+    array, spacing = images.read_image(tmp_path / "a.npz")
     assert array.dtype == np.float32 and np.array_equal(array, image)
     assert spacing == (0.5, 2.0)
     np.savez(tmp_path / "b.npz", x=image, y=image)
-    with pytest.raises(cli.CommandLineError, match="has no array named 'image' .it has x, y."):
-        cli.read_image(tmp_path / "b.npz")
+    with pytest.raises(images.ImageFileError, match="has no array named 'image' .it has x, y."):
+        images.read_image(tmp_path / "b.npz")
     np.save(tmp_path / "c.npy", np.array([1.0, np.nan]))
-    with pytest.raises(cli.CommandLineError, match="NaN or infinite"):
-        cli.read_image(tmp_path / "c.npy")
+    with pytest.raises(images.ImageFileError, match="NaN or infinite"):
+        images.read_image(tmp_path / "c.npy")
     (tmp_path / "d.png").write_bytes(b"\x89PNG")
-    with pytest.raises(cli.CommandLineError, match="is not a supported image file"):
-        cli.read_image(tmp_path / "d.png")
+    with pytest.raises(images.ImageFileError, match="is not a supported image file"):
+        images.read_image(tmp_path / "d.png")
 
 
 def test_tiff_image(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     image = np.arange(12, dtype=np.uint16).reshape(3, 4)
     tifffile.imwrite(tmp_path / "a.tif", image)
-    assert np.array_equal(cli.read_image(tmp_path / "a.tif")[0], image)
+    assert np.array_equal(images.read_image(tmp_path / "a.tif")[0], image)
 
 
 def test_nifti_image_and_spacing(tmp_path):
     nibabel = pytest.importorskip("nibabel")
     image = np.arange(12, dtype=np.float32).reshape(3, 4)
     nibabel.save(nibabel.Nifti1Image(image, np.diag([0.5, 0.7, 1.0, 1.0])), tmp_path / "a.nii.gz")
-    array, spacing = cli.read_image(tmp_path / "a.nii.gz")
+    array, spacing = images.read_image(tmp_path / "a.nii.gz")
     assert np.array_equal(array, image) and spacing == (0.5, 0.7)
-    assert cli.file_stem(tmp_path / "a.nii.gz") == "a"
+    assert images.file_stem(tmp_path / "a.nii.gz") == "a"
 
 
 def test_nifti_without_nibabel_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel now fails
     (tmp_path / "a.nii.gz").write_bytes(b"\x1f\x8b")
-    with pytest.raises(cli.CommandLineError, match="needs nibabel, which is not installed: pip install nibabel"):
-        cli.read_image(tmp_path / "a.nii.gz")
+    with pytest.raises(images.ImageFileError, match="needs nibabel, which is not installed: pip install nibabel"):
+        images.read_image(tmp_path / "a.nii.gz")
 
 
 def test_interrupt_and_unexpected_errors(capsys, tmp_path, brain_crop, monkeypatch):

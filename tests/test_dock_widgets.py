@@ -46,7 +46,8 @@ def small_model():
 
 
 def finish(qtbot, widget):
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    """Until the run has ended and its result is shown (a run's layers come in over several turns)."""
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.result_pending, timeout=60_000)
 
 
 def test_components_widget_loads_models_in_workers(viewer, qtbot, loads):

@@ -17,8 +17,8 @@ from napari_pdcr.calibration import (
     fit_temperature,
     reliability_diagram,
 )
-from napari_pdcr.studies.temperature_sweep import temperature_sweep
 from napari_pdcr.models.demo import DEMO_MODELS, TEMPERATURE_SERIES, load_demo_model
+from napari_pdcr.studies.temperature_sweep import temperature_sweep
 
 
 @pytest.fixture(autouse=True)

@@ -90,7 +90,7 @@ def viewer_2d(make_napari_viewer):
 @pytest.mark.gui
 @pytest.mark.xfail(strict=False, reason=(
     "napari's own work for one result layer exceeds 200 ms here: on this 2-core machine with software "
-    "OpenGL the longest stall at the end was 432-610 ms wall, 226-244 ms of it GUI-thread CPU (load 3.0-4.5), "
+    "OpenGL the longest stall at the end was 280-610 ms wall, 175-244 ms of it GUI-thread CPU (load 3.0-4.5), "
     "each step being one layer's creation and first draw (the colour bar's or the prediction outline's)"))
 def test_stall_bound_through_a_whole_run_including_the_end(viewer_2d, qtbot):
     """A 10 ms timer ticks from Run until 1 s after the result is shown (layers and plots included)."""

@@ -1,6 +1,8 @@
 """Regenerate the user guide's screenshots (needs a display: run under ``xvfb-run -a``).
 
-    xvfb-run -a python docs/images/make_screenshots.py [--only 2d|3d|components]
+    xvfb-run -a -s "-screen 0 1600x1100x24" python docs/images/make_screenshots.py [--only 2d|3d|components]
+
+(the screen must be larger than the 1400 x 1000 window: xvfb-run's default 1280 x 1024 cuts the dock off).
 
 Drives the dock widget as a user would (open the sample, brush a region, Run) and saves
 PNGs next to this script.
@@ -90,9 +92,9 @@ def shots_3d() -> None:
     widget.model_choice.setCurrentText("unet3d")
     region = widget.brush_region()
     region.brush_size = 5
-    for z in range(46, 54):  # a small blob of left frontal lobe, painted on 8 slices
+    for z in range(46, 54):  # a small blob at the brain's left edge, painted on 8 slices
         viewer.dims.set_current_step(0, z)
-        for y, x in [(30, 30), (32, 33), (34, 36)]:
+        for y, x in [(30, 14), (32, 16), (34, 18)]:
             region.paint((z, y, x), 1, refresh=False)
     region.refresh()
     region.mode = "pan_zoom"
@@ -117,8 +119,7 @@ def shots_components() -> None:
     viewer.layers["colin27_slice brain mask"].visible = False
     widget = ComponentsWidget(viewer)
     viewer.window.add_dock_widget(widget, area="right", name="Components")
-    widget.run()  # the first Run creates the region layer to paint
-    region = viewer.layers["target region"]
+    region = widget.paint_region_layer(viewer.layers["colin27_slice image"])  # what the first Run creates
     region.data[60:76, 40:56] = 1  # 16x16 px of left frontal cortex
     region.refresh()
     region.mode = "pan_zoom"

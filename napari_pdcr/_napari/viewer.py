@@ -29,6 +29,8 @@ def add_to_viewer(viewer, explanation: Explanation, **options) -> list[Layer]:
 
 #: Camera angles (degrees, napari's Euler angles) of :func:`view_in_3d`: obliquely from the front and above.
 OBLIQUE_ANGLES = (15.0, -30.0, 80.0)
+#: The smallest box :func:`view_in_3d` shows, in multiples of the target region's size.
+REGION_CONTEXT = 4.0
 
 
 def view_in_3d(viewer, explanation, margin: float = 1.2) -> None:
@@ -36,22 +38,29 @@ def view_in_3d(viewer, explanation, margin: float = 1.2) -> None:
 
     The camera is centred on the box around the target region and the blocks with an
     effect (world coordinates, from the result's scale and translate), zoomed so that
-    this box grown by ``margin`` fills the view, and seen at :data:`OBLIQUE_ANGLES`.
+    this box (at least :data:`REGION_CONTEXT` region sizes) grown by ``margin`` fills the view, and seen at :data:`OBLIQUE_ANGLES`.
     A 2D result is left as it is (``ValueError``).
     """
     if explanation.target_region.ndim != 3:
         raise ValueError("the result is 2D: 3D rendering needs a 3D result (a volume explained by a 3D model)")
     geometry = placement(explanation)
-    shown = explanation.target_region | (explanation.ate != 0)
-    corners = np.array([[axis.min(), axis.max() + 1] for axis in np.nonzero(shown)], dtype=float)
     scale, translate = np.asarray(geometry["scale"]), np.asarray(geometry["translate"])
-    low, high = corners[:, 0] * scale + translate, corners[:, 1] * scale + translate
+
+    def world_box(mask):
+        corners = np.array([[axis.min(), axis.max() + 1] for axis in np.nonzero(mask)], dtype=float)
+        return corners[:, 0] * scale + translate, corners[:, 1] * scale + translate
+
+    low, high = world_box(explanation.target_region | (explanation.ate != 0))
+    region_low, region_high = world_box(explanation.target_region)
+    # at least REGION_CONTEXT times the region's size, so that the image around it shows
+    size = max((high - low).max(), REGION_CONTEXT * (region_high - region_low).max())
     viewer.dims.ndisplay = 3
     viewer.reset_view()  # zoom for the whole scene, then zoom in to the box
     scene = np.ptp(np.asarray(viewer.layers.extent.world)[:, -3:], axis=0).max()
-    viewer.camera.center = tuple((low + high) / 2)
-    viewer.camera.zoom *= scene / (margin * (high - low).max())
-    viewer.camera.angles = OBLIQUE_ANGLES
+    camera = viewer.scene.camera
+    camera.center = tuple((low + high) / 2)
+    camera.zoom *= scene / (margin * size)
+    camera.angles = OBLIQUE_ANGLES
 
 
 def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> list:

@@ -40,6 +40,7 @@ from napari_pdcr.models.description import (
 )
 from napari_pdcr.models.devices import resolve_device
 from napari_pdcr.models.sliding_window import SlidingWindow
+from napari_pdcr.validation import first_line
 
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
@@ -220,7 +221,7 @@ def _load_torchscript(path: Path, sha256: str, trusted: bool) -> _Loaded:
     try:
         network = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:  # noqa: BLE001 - torch raises RuntimeError subclasses of many kinds
-        raise ModelLoadError(f"could not read TorchScript model {path}: {_first_line(error)}") from None
+        raise ModelLoadError(f"could not read TorchScript model {path}: {first_line(error)}") from None
     return _named(path, network, sha256)
 
 
@@ -260,7 +261,7 @@ def _load_exported(path: Path, sha256: str, trusted: bool) -> _Loaded:
         with open(path, "rb") as fh:  # torch.export.load accepts other suffixes only as a buffer
             program = torch.export.load(fh)
     except Exception as error:  # noqa: BLE001
-        raise ModelLoadError(f"could not read torch.export program {path}: {_first_line(error)}") from None
+        raise ModelLoadError(f"could not read torch.export program {path}: {first_line(error)}") from None
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
     if len(user_inputs) != 1 or "val" not in user_inputs[0].meta:
         raise ModelLoadError(f"{path}: exported programs with one tensor input are supported, this one has {len(user_inputs)}")
@@ -307,7 +308,7 @@ def _load_pickle(path: Path, trusted: bool, sha256: str) -> _Loaded:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - weights_only refuses anything but tensors and containers
         if not isinstance(error, pickle.UnpicklingError):
-            raise ModelLoadError(f"could not read {path}: {_first_line(error)}") from None
+            raise ModelLoadError(f"could not read {path}: {first_line(error)}") from None
         if not trusted:
             raise _untrusted(path, "is a whole pickled Python object (torch.save(model)), and unpickling "
                                    "it runs code from the file") from None
@@ -383,7 +384,7 @@ def _load_weights(network: nn.Module, path: Path) -> None:
             "which napari-pdcr does not unpickle: save only the weights, torch.save(model.state_dict(), path)"
         ) from None
     except Exception as error:  # noqa: BLE001 - torch raises RuntimeError subclasses of many kinds
-        raise ModelLoadError(f"could not read checkpoint {path} as a state dict: {_first_line(error)}") from None
+        raise ModelLoadError(f"could not read checkpoint {path} as a state dict: {first_line(error)}") from None
     for key in ("state_dict", "model", "network"):  # checkpoints saved with training state
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -450,7 +451,7 @@ def _load_bundle(root: Path, trusted: bool, sha256: str, shown_as) -> _Loaded:
             kind = "JSON" if file.suffix == ".json" else "YAML"
             raise ModelLoadError(
                 f"bundle {shown_as}: configs/{file.name} is not a valid {kind} config "
-                f"({_first_line(error)}): correct the file or download the bundle again"
+                f"({first_line(error)}): correct the file or download the bundle again"
             ) from None
 
     read(parser.read_config, config_file)
@@ -588,11 +589,6 @@ class BundlePreprocessing:
 # ---------------------------------------------------------------------- helpers
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _some(keys: list[str], n: int = 3) -> str:

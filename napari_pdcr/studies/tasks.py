@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from napari_pdcr.cli import _first_line as first_line
 from napari_pdcr.studies.spec import ImageSource, MethodSpec, ModelSource, StudySpec
+from napari_pdcr.validation import first_line
 
 #: bump when the meaning of a task's settings changes (every id changes with it)
 TASK_FORMAT = 1
@@ -103,7 +103,7 @@ def read_array(path: str, what: str) -> tuple[np.ndarray, tuple[float, ...] | No
             return np.asarray(zarr.open_array(path, mode="r")[...], dtype=np.float32), None
         except Exception as error:  # noqa: BLE001 - zarr's many errors for a folder that is no array
             raise ValueError(f"{what} {path} is not a readable zarr array ({first_line(error)})") from None
-    from napari_pdcr.cli import read_image
+    from napari_pdcr.io.images import read_image
 
     return read_image(Path(path), what)
 
@@ -135,9 +135,6 @@ def _read_source(source_json: str) -> tuple[np.ndarray, np.ndarray | None, tuple
         mask = None if source["mask"] is None else read_array(source["mask"], f"mask of {source['name']!r}")[0]
     image = cropped(image, source["crop"], f"image {source['name']!r}")
     mask = cropped(mask, source["crop"], f"the mask of {source['name']!r}")
-    for array in (image, mask):
-        if array is not None:
-            array.flags.writeable = False
     return image, mask, spacing
 
 
