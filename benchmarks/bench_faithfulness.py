@@ -133,7 +133,11 @@ def table(name: str, results) -> list[str]:
                 cells.append("")
             cells.append(f"{np.mean([r.table[methods.index(method)]['wall_s'] for r in results]):.2f}")
         out.append("| " + " | ".join([method, *cells]) + " |")
-    out += ["", "Fractions are over regions and both fills.", ""]
+    unranked = {m: sum(m in c.unranked for c in curves) for m in methods}
+    notes = ", ".join(f"{m} on {n}" for m, n in unranked.items() if n)
+    out += ["", "Fractions are over regions and both fills."
+            + (f" Constant maps (no ranking, scored as the random floor): {notes} of {len(results)} regions."
+               if notes else ""), ""]
     return out
 
 
@@ -144,19 +148,11 @@ def save_figure(result, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = result.curves
-    fill, dice = curves.fills.index("patch_bank"), curves.outcomes.index("dice")
+    from napari_pdcr.plotting.faithfulness import plot_faithfulness_curves
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for method, values in curves.curves.items():
-        style = {"color": "0.5", "linestyle": "--"} if method == RANDOM else {}
-        for d, ax in enumerate(axes):
-            area = curves.auc(method)[d, fill, dice]
-            ax.plot(curves.fractions, values[d, fill, dice], label=f"{method} (AUC {area:.2f})", **style)
     for ax, direction in zip(axes, DIRECTIONS, strict=True):
-        ax.set_title(f"{direction} (natural patches)")
-        ax.set_xlabel("fraction of ranked blocks " + ("removed" if direction == "deletion" else "restored"))
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("Dice / Dice of the image")
+        plot_faithfulness_curves(result.curves, ax, direction, "patch_bank", "dice")
     fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

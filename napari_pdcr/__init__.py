@@ -48,6 +48,7 @@ from napari_pdcr.methods import (
 )
 from napari_pdcr.metrics import Faithfulness
 from napari_pdcr.models import SegmentationModel
+from napari_pdcr.models.demo import load_demo_model
 from napari_pdcr.outcomes import Outcome
 from napari_pdcr.regions import BlockGrid, box_region, centered_box
 from napari_pdcr.studies import compare_methods, compare_models
@@ -89,6 +90,7 @@ __all__ = [
     "compare_models",
     "explain_region",
     "fit_temperature",
+    "load_demo_model",
     "make_intervention",
     "temperature_sweep",
 ]

@@ -220,13 +220,7 @@ class ExplainJob:
         self.check()
         model = resolve_model(self.model, trusted=self.trusted)
         image = model_input(np.asarray(self.image, dtype=np.float32), model, self.source_layer.get("name", "the image"))
-        intervention, bank_note = self._intervention(model, image)
-        method = RegionEffects(
-            model,
-            intervention=intervention,
-            outcome=Outcome(self.outcome, temperature=float(self.temperature)),
-            **self.parameters,
-        )
+        method, bank_note = self.method(model, image)
         explanation = yield from method.iter_attribute(image, self.target_region, self.reference, self.spacing)
         explanation.provenance.update(
             source_layer=self.source_layer or None,
@@ -234,6 +228,13 @@ class ExplainJob:
             patch_bank=bank_note,
         )
         return explanation
+
+    def method(self, model: SegmentationModel, image: np.ndarray) -> tuple[RegionEffects, str | None]:
+        """The :class:`RegionEffects` these settings describe for the loaded ``model`` and its ``image``
+        (``(C, *S)``), and a note on the patch bank's images (None for another intervention)."""
+        intervention, bank_note = self._intervention(model, image)
+        outcome = Outcome(self.outcome, temperature=float(self.temperature))
+        return RegionEffects(model, intervention=intervention, outcome=outcome, **self.parameters), bank_note
 
     def _intervention(self, model: SegmentationModel, image: np.ndarray):
         """The intervention and, for a patch bank, a note on its images (else None)."""

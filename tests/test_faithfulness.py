@@ -8,7 +8,7 @@ import pytest
 from synthetic import block_means, random_image, tap_model, torch_threads
 
 from napari_pdcr import Blur, Cancelled, Faithfulness, Zero, compare_methods
-from napari_pdcr.metrics.faithfulness import RANDOM
+from napari_pdcr.metrics.faithfulness import NO_RANKING, RANDOM
 from napari_pdcr.regions import BlockGrid, box_region
 
 BLOCK = 4
@@ -137,3 +137,39 @@ def test_compare_methods_returns_maps_curves_and_the_table(synthetic):
         assert support.shape == (32, 32) and np.abs(support).max() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown method 'grad'"):
         compare_methods(model, image, region, methods=["grad"], bank=bank, device="cpu")
+
+
+def test_a_constant_map_is_refused_by_default_or_scored_as_the_random_floor(synthetic):
+    model, image, region, truth = synthetic
+    maps = {"truth": (truth, "positive_supports"), "constant": (np.zeros((32, 32)), "positive_supports")}
+    with pytest.raises(ValueError, match="constant_maps must be one of error, random"):
+        metric(model, constant_maps="skip")
+    with pytest.raises(ValueError, match="'constant' has the same value on every block"):
+        metric(model).evaluate(image, region, maps)
+    curves = metric(model, constant_maps="random").evaluate(image, region, maps)
+    alone = metric(model, constant_maps="random").evaluate(image, region, {"truth": maps["truth"]})
+    assert curves.unranked == {"constant": NO_RANKING} and alone.unranked == {}
+    np.testing.assert_array_equal(curves.curves["constant"], curves.curves[RANDOM])
+    np.testing.assert_array_equal(curves.curves["truth"], alone.curves["truth"])
+    assert curves.forward_passes == alone.forward_passes  # a map without a ranking costs no forward pass
+    assert not curves.beats("constant", RANDOM).any()
+    rows = {row["method"]: row for row in curves.table()}
+    assert (rows["constant"]["ranked"], rows["constant"]["note"]) == (False, NO_RANKING)
+    assert rows["truth"]["ranked"] and rows["truth"]["note"] == ""
+
+
+def test_compare_methods_runs_through_maps_that_rank_nothing(caplog):
+    # the region reads only its own block: nothing outside it has an effect, every map is 0 there
+    model, _ = tap_model(2, BLOCK, [((0, 0), 5.0)], activation="sigmoid")
+    image = random_image((1, 32, 32), seed=1, low=0.2, high=1.0)
+    region = box_region((32, 32), (12, 12), BLOCK)
+    bank = [random_image((1, 32, 32), seed=s) for s in (7, 8)]
+    with caplog.at_level("INFO", logger="napari_pdcr.studies.methods"):
+        result = compare_methods(model, image, region, methods=["region_effects", "gradient_x_input"], bank=bank,
+                                 block_shape=BLOCK, n_steps=5, device="cpu")
+    outside = ~BlockGrid.create((32, 32), BLOCK).to_voxels(
+        BlockGrid.create((32, 32), BLOCK).any_per_block(region)).astype(bool)
+    assert np.all(result.maps["region_effects"].ate[outside] == 0)
+    assert set(result.curves.unranked) == {"region_effects", "gradient_x_input"}
+    assert [row["ranked"] for row in result.table] == [False, False, True]
+    assert "region_effects has the same value on every block" in caplog.text

@@ -153,3 +153,53 @@ def test_a_damaged_component_store_says_so(tmp_path):
     shutil.rmtree(store / "status")
     with pytest.raises(DamagedStoreError, match="this result store is damaged: array 'status' is missing"):
         read_explanation(str(store))
+
+
+def make_attribution_map(sign="positive_supports"):
+    """A hand-made gradient map: one supporting (+3) and one hurting (-1) patch."""
+    from napari_pdcr import AttributionMap
+
+    attribution = np.zeros((32, 24), np.float32)
+    attribution[2:6, 2:6] = 3.0
+    attribution[20:24, 16:20] = -1.0
+    region = np.zeros((32, 24), bool)
+    region[12:16, 10:14] = True
+    return AttributionMap(attribution=attribution, target_region=region, prediction=region.copy(), reference=None,
+                          method="gradient_x_input", sign=sign, units="region logit sum per voxel", base_score=2.5,
+                          model_identity={"name": "toy", "sha256": "0" * 64}, provenance={"target_layer": "lesion"})
+
+
+def colour_at(kwargs, value) -> np.ndarray:
+    """The RGBA the layer's colormap gives ``value`` (within its contrast limits)."""
+    low, high = kwargs["contrast_limits"]
+    return kwargs["colormap"].map(np.array([(value - low) / (high - low)]))[0]
+
+
+@pytest.mark.parametrize("sign", ["positive_supports", "negative_supports"])
+def test_an_attribution_store_reopens_with_supporting_values_red(tmp_path, sign):
+    from napari_pdcr import AttributionMap
+    from napari_pdcr.plotting.style import NEGATIVE_COLOR, POSITIVE_COLOR
+
+    explanation = make_attribution_map(sign)
+    explanation.extras["image"] = np.ones((32, 24), np.float32)
+    store = save_explanation(explanation, tmp_path / "map.zarr")
+    assert get_reader(str(store)) is read_explanation
+    layer_data = read_explanation(str(store))
+    assert [t for _, _, t in layer_data] == ["image", "image", "labels"]
+    values, kwargs, _ = layer_data[1]
+    np.testing.assert_array_equal(values, explanation.attribution)  # the method's own values, not flipped
+    assert kwargs["name"] == "toy gradient_x_input: lesion"
+    assert kwargs["contrast_limits"] == (-3.0, 3.0)
+    entry = kwargs["metadata"][METADATA_KEY]
+    assert entry["role"] == "attribution" and isinstance(entry["explanation"], AttributionMap)
+    assert entry["explanation"].sign == sign
+    supporting = 3.0 if sign == "positive_supports" else -3.0
+    from matplotlib.colors import to_rgb
+
+    np.testing.assert_allclose(colour_at(kwargs, supporting)[:3], to_rgb(NEGATIVE_COLOR), atol=0.02)  # red
+    np.testing.assert_allclose(colour_at(kwargs, -supporting)[:3], to_rgb(POSITIVE_COLOR), atol=0.02)  # blue
+    assert colour_at(kwargs, 0.0)[3] == 0  # zero stays transparent
+    # the layer saves again through the writer, the same map
+    again = load_explanation(write_explanation(str(tmp_path / "again"), values, kwargs)[0])
+    np.testing.assert_array_equal(again.attribution, explanation.attribution)
+    assert again.sign == sign

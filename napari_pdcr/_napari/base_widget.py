@@ -482,6 +482,7 @@ class DockWidget(BackgroundRun, QWidget):
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
         layout.addLayout(row)
+        self.run_row = row  #: Run and Cancel (a subclass may add its own actions between them)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.setValue(0)

@@ -1,8 +1,12 @@
-"""Explanations as napari LayerData ``(data, kwargs, type)``: region maps and component results.
+"""Explanations as napari LayerData ``(data, kwargs, type)``: region maps, attribution maps and component results.
 
 The ATE map is an Image layer with a diverging colormap centred on 0 (negative effects
 red, positive blue, zero transparent), symmetric contrast limits, translucent over the
-explained image and with its scale and translate. Every layer made here carries the
+explained image and with its scale and translate. An attribution map (Seg-Grad-CAM,
+integrated gradients, RISE, ...) follows the same colour convention, **supporting red,
+hurting blue**: its values are shown as the method gives them (the status bar and the
+colour bar read the method's own units) and the colormap is flipped for a map whose
+positive sign supports the region. Every layer made here carries the
 explanation (and its parameters, provenance, model identity and summary) in
 ``layer.metadata["napari_pdcr"]`` so it can be saved again (see :mod:`.writer`).
 
@@ -16,7 +20,13 @@ from matplotlib.colors import to_rgba
 from napari.utils.colormaps import Colormap, DirectLabelColormap
 from scipy import ndimage
 
-from napari_pdcr.explanations import ComponentExplanation, Explanation, RegionExplanation
+from napari_pdcr.explanations import (
+    AttributionMap,
+    ComponentExplanation,
+    Explanation,
+    RegionExplanation,
+)
+from napari_pdcr.explanations.attribution import POSITIVE_SUPPORTS
 from napari_pdcr.plotting.style import (
     CENTRE_COLOR,
     NEGATIVE_COLOR,
@@ -29,12 +39,15 @@ from napari_pdcr.plotting.style import (
 #: Key of napari-pdcr's entry in ``layer.metadata``.
 METADATA_KEY = "napari_pdcr"
 
-#: Name of the ATE colormap (the RdBu colours with a transparent centre).
+#: Name of the ATE colormap (the RdBu colours with a transparent centre), and of its flipped twin.
 EFFECT_COLORMAP_NAME = "pdcr effect (RdBu)"
+FLIPPED_COLORMAP_NAME = "pdcr effect flipped (BuRd)"
 
 
-def effect_colormap() -> Colormap:
+def effect_colormap(flipped: bool = False) -> Colormap:
     """Diverging colormap for ATE maps: -m red, 0 transparent, +m blue (the plots' ``RdBu`` colours).
+
+    ``flipped``: +m red, -m blue, for maps whose positive values support the region.
 
     The published figures colour negative effects (the block supported the outcome) red
     and positive ones blue. Zero is fully transparent so that the image shows through
@@ -49,13 +62,22 @@ def effect_colormap() -> Colormap:
     colors = [NEGATIVE_COLOR, NEGATIVE_LIGHT, CENTRE_COLOR, CENTRE_COLOR, POSITIVE_LIGHT, POSITIVE_COLOR]
     alphas = [1.0, 0.6, 0.0, 0.0, 0.6, 1.0]
     rgba = [to_rgba(c, a) for c, a in zip(colors, alphas, strict=True)]
+    if flipped:
+        return Colormap(colors=rgba[::-1], controls=controls, name=FLIPPED_COLORMAP_NAME)
     return Colormap(colors=rgba, controls=controls, name=EFFECT_COLORMAP_NAME)
 
 
+def supporting_red_colormap(explanation: Explanation) -> Colormap:
+    """The effect colormap that shows ``explanation``'s supporting sign red (flipped for positive-supports maps)."""
+    return effect_colormap(flipped=isinstance(explanation, AttributionMap) and explanation.sign == POSITIVE_SUPPORTS)
+
+
 def default_name(explanation: Explanation) -> str:
-    """``"<model> ATE"`` (``"<model> components"``) plus the target layer's name when the run recorded one."""
+    """``"<model> ATE"`` (``"<model> components"``, ``"<model> <method>"``) plus the target layer's name when
+    the run recorded one."""
     model = explanation.model_identity.get("name", "model")
-    what = "components" if isinstance(explanation, ComponentExplanation) else "ATE"
+    what = ("components" if isinstance(explanation, ComponentExplanation)
+            else explanation.method if isinstance(explanation, AttributionMap) else "ATE")
     target = explanation.provenance.get("target_layer")
     return f"{model} {what}: {target}" if target else f"{model} {what}"
 
@@ -76,7 +98,8 @@ def placement(explanation: Explanation, source_layer=None) -> dict:
 
 
 def layer_metadata(explanation: Explanation, role: str) -> dict:
-    """The ``metadata`` dict of a result layer (``role``: ate, standard_error, prediction, target_region)."""
+    """The ``metadata`` dict of a result layer (``role``: ate, attribution, standard_error, prediction,
+    target_region)."""
     return {
         METADATA_KEY: {
             "role": role,
@@ -117,10 +140,23 @@ def _outline_layer(mask, explanation, name, role, color, geometry) -> tuple:
     return outline(mask).astype(np.uint8), kwargs, "labels"
 
 
+def outline_layers(explanation, base: str, geometry: dict, prediction: bool, target_region: bool) -> list[tuple]:
+    """On request the outlines of the model's prediction (yellow) and of the target region (green)."""
+    layers = []
+    if prediction:
+        layers.append(_outline_layer(explanation.prediction, explanation, f"{base} prediction", "prediction", "yellow", geometry))
+    if target_region:
+        layers.append(_outline_layer(explanation.target_region, explanation, f"{base} target", "target_region", "lime", geometry))
+    return layers
+
+
 def explanation_layer_data(explanation: Explanation, **options) -> list[tuple]:
-    """LayerData of any kind of explanation (see :func:`region_layer_data`, :func:`component_layer_data`)."""
+    """LayerData of any kind of explanation (see :func:`region_layer_data`, :func:`attribution_layer_data`,
+    :func:`component_layer_data`)."""
     if isinstance(explanation, RegionExplanation):
         return region_layer_data(explanation, **options)
+    if isinstance(explanation, AttributionMap):
+        return attribution_layer_data(explanation, **options)
     if isinstance(explanation, ComponentExplanation):
         return component_layer_data(explanation, **options)
     raise TypeError(f"no napari layers are defined for a {type(explanation).__name__}")
@@ -131,6 +167,44 @@ def component_layer_data(explanation: ComponentExplanation, source_layer=None, n
     base = name or default_name(explanation)
     geometry = placement(explanation, source_layer)
     return [_outline_layer(explanation.target_region, explanation, f"{base} target", "target_region", "lime", geometry)]
+
+
+def signed_map_layer(values: np.ndarray, explanation: Explanation, name: str, role: str, geometry: dict) -> tuple:
+    """An Image LayerData of a signed map: symmetric limits, supporting sign red, translucent over the image."""
+    m = symmetric_limit(values)
+    return (
+        values,
+        {
+            "name": name,
+            "colormap": supporting_red_colormap(explanation),
+            "contrast_limits": (-m, m),
+            "blending": "translucent",
+            "opacity": 0.6,
+            # 'mip' would hide negative values in 3D; 'translucent' composites both signs
+            "rendering": "translucent",
+            "interpolation2d": "nearest",
+            "interpolation3d": "nearest",
+            "metadata": layer_metadata(explanation, role),
+            **geometry,
+        },
+        "image",
+    )
+
+
+def attribution_layer_data(
+    explanation: AttributionMap,
+    source_layer=None,
+    name: str | None = None,
+    show_prediction: bool = False,
+    show_target_region: bool = True,
+) -> list[tuple]:
+    """napari LayerData of an attribution map, bottom first: the map (role ``attribution``, its own values, the
+    supporting sign red) and on request the prediction (yellow) and target-region (green) outlines."""
+    base = name or default_name(explanation)
+    geometry = placement(explanation, source_layer)
+    layers = [signed_map_layer(np.asarray(explanation.attribution, np.float32), explanation, base, "attribution",
+                               geometry)]
+    return layers + outline_layers(explanation, base, geometry, show_prediction, show_target_region)
 
 
 def region_layer_data(
@@ -167,27 +241,5 @@ def region_layer_data(
             },
             "image",
         ))
-    ate = explanation.ate
-    m = symmetric_limit(ate)
-    layers.append((
-        ate,
-        {
-            "name": base,
-            "colormap": effect_colormap(),
-            "contrast_limits": (-m, m),
-            "blending": "translucent",
-            "opacity": 0.6,
-            # 'mip' would hide negative effects in 3D; 'translucent' composites both signs
-            "rendering": "translucent",
-            "interpolation2d": "nearest",
-            "interpolation3d": "nearest",
-            "metadata": layer_metadata(explanation, "ate"),
-            **geometry,
-        },
-        "image",
-    ))
-    if show_prediction:
-        layers.append(_outline_layer(explanation.prediction, explanation, f"{base} prediction", "prediction", "yellow", geometry))
-    if show_target_region:
-        layers.append(_outline_layer(explanation.target_region, explanation, f"{base} target", "target_region", "lime", geometry))
-    return layers
+    layers.append(signed_map_layer(explanation.ate, explanation, base, "ate", geometry))
+    return layers + outline_layers(explanation, base, geometry, show_prediction, show_target_region)

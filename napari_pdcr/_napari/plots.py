@@ -24,6 +24,7 @@ from napari_pdcr.plotting import (
     plot_effect_vs_distance,
     plot_histogram,
 )
+from napari_pdcr.plotting.faithfulness import plot_auc_table, plot_faithfulness_curves
 from napari_pdcr.plotting.style import dock_style
 
 #: Height / width of the region-effects figure.
@@ -118,6 +119,20 @@ def render_component_plot(result, width_px: int = 360, scale: float = 1.0, theme
         plot_components(result, figure.add_subplot(), top=TOP_COMPONENTS, title=title)
 
     return render(draw, width_px, height, scale, theme)
+
+
+def render_method_comparison(comparison, width_px: int = 360, scale: float = 1.0, theme: dict | None = None,
+                             fill: str = "patch_bank") -> Figure:
+    """The deletion and insertion curves (``fill``, Dice) and the AUC table of a method comparison."""
+    n_rows = len(comparison.table)
+
+    def draw(figure: Figure) -> None:
+        deletion_ax, insertion_ax, table_ax = figure.subplots(3, 1, height_ratios=(1, 1, 0.12 + 0.07 * n_rows))
+        plot_faithfulness_curves(comparison.curves, deletion_ax, "deletion", fill, legend=False)
+        plot_faithfulness_curves(comparison.curves, insertion_ax, "insertion", fill)
+        plot_auc_table(comparison.table, table_ax, fills=comparison.curves.fills)
+
+    return render(draw, width_px, (1.45 + 0.06 * n_rows) * width_px, scale, theme)
 
 
 class EffectPlots(QLabel):

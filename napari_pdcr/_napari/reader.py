@@ -40,7 +40,8 @@ def read_study(path) -> list[tuple]:
 def read_explanation(path) -> list[tuple]:
     """LayerData of a saved result: the explained image when the store keeps it, then for a
     region explanation the ATE map, the prediction and
-    target-region outlines; for a component explanation the target-region outline carrying it.
+    target-region outlines; for an attribution map the map (supporting sign red) and the
+    target-region outline; for a component explanation the target-region outline carrying it.
 
     Raises :class:`~napari_pdcr.io.results.DamagedStoreError` ("this result store is damaged:
     ...") for a damaged store; napari shows that message.

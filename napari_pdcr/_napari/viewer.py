@@ -1,11 +1,13 @@
 """Results in a viewer: any :class:`~napari_pdcr.explanations.Explanation` as layers, and
-several models' maps side by side.
+several models' or methods' maps side by side.
 
 :meth:`Explanation.add_to_viewer <napari_pdcr.explanations.Explanation.add_to_viewer>`
 reaches :func:`add_to_viewer` lazily, so the core never imports napari.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 from napari.experimental import link_layers
@@ -15,6 +17,7 @@ from napari_pdcr._napari.layers import explanation_layer_data, placement
 from napari_pdcr.explanations import Explanation
 from napari_pdcr.plotting.style import symmetric_limit
 from napari_pdcr.studies.comparison import ModelComparison
+from napari_pdcr.studies.methods import MethodComparison
 
 
 def add_to_viewer(viewer, explanation: Explanation, **options) -> list[Layer]:
@@ -63,33 +66,54 @@ def view_in_3d(viewer, explanation, margin: float = 1.2) -> None:
     camera.angles = OBLIQUE_ANGLES
 
 
-def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> list:
-    """Show each model's ATE map over the image in napari's grid mode, one cell per model.
+def show_in_grid(viewer, maps: Mapping[str, Explanation], image_layer=None, link_limits: bool = True) -> list:
+    """Show maps over the image in napari's grid mode, one cell per map (name -> explanation).
 
-    The maps share symmetric contrast limits, linked so that changing one changes all;
-    ``image_layer`` (the explained image layer) is copied under each map and gives the
-    geometry. The new layers are moved to the bottom of the layer list so that each grid
-    cell holds one model (other layers get cells after them). Returns the added layers.
+    Each cell holds a copy of ``image_layer`` (the explained image layer, which gives the
+    geometry; none when None), the map named by its key (supporting sign red) and the
+    target region's outline. ``link_limits``: the maps share symmetric contrast limits,
+    linked so that changing one changes all (maps in one unit); else each keeps its own
+    (maps in different units) and only opacity is linked. The new layers are moved to the
+    bottom of the layer list so that each grid cell holds one map (other layers get cells
+    after them). Returns the added layers.
     """
-    limit = symmetric_limit(np.concatenate([p.explanation.ate.ravel() for p in comparison.profiles]))
-    added, maps = [], []
-    for p in comparison.profiles:
+    added, shown = [], []
+    for name, explanation in maps.items():
         if image_layer is not None:
             added.append(viewer.add_image(
-                image_layer.data, name=f"{p.model} image", colormap="gray",
+                image_layer.data, name=f"{name} image", colormap="gray",
                 scale=image_layer.scale, translate=image_layer.translate,
             ))
-        data = explanation_layer_data(p.explanation, source_layer=image_layer, name=f"{p.model} ATE",
+        data = explanation_layer_data(explanation, source_layer=image_layer, name=name,
                                       show_prediction=False, show_target_region=True)
         layers = [viewer.add_layer(Layer.create(*item)) for item in data]
-        layers[0].contrast_limits = (-limit, limit)
-        maps.append(layers[0])
+        shown.append(layers[0])
         added += layers
-    if len(maps) > 1:
-        link_layers(maps, ("contrast_limits", "opacity", "colormap"))
-    # grid cells are filled from the bottom of the layer list: put the models' layers there
+    if link_limits:
+        limit = symmetric_limit(np.concatenate([layer.data.ravel() for layer in shown]))
+        for layer in shown:
+            layer.contrast_limits = (-limit, limit)
+    if len(shown) > 1:
+        link_layers(shown, ("contrast_limits", "opacity", "colormap") if link_limits else ("opacity",))
+    # grid cells are filled from the bottom of the layer list: put the maps' layers there
     viewer.layers.move_multiple([viewer.layers.index(layer) for layer in added], 0)
     grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid
-    grid.stride = len(added) // max(1, len(comparison.profiles))
+    grid.stride = len(added) // max(1, len(maps))
     grid.enabled = True
     return added
+
+
+def show_comparison(viewer, comparison: ModelComparison, image_layer=None) -> list:
+    """Show each model's ATE map over the image in grid mode, one cell per model, limits linked
+    (see :func:`show_in_grid`). Returns the added layers."""
+    return show_in_grid(viewer, {f"{p.model} ATE": p.explanation for p in comparison.profiles}, image_layer)
+
+
+def show_method_comparison(viewer, comparison: MethodComparison, image_layer=None) -> list:
+    """Show each method's map over the image in grid mode, one cell per method.
+
+    One colour convention (the supporting sign red, hurting blue, zero transparent);
+    each map keeps its own symmetric limits, since the methods' units differ (Dice
+    points, logit gradients, mask-weighted scores). Returns the added layers.
+    """
+    return show_in_grid(viewer, comparison.maps, image_layer, link_limits=False)

@@ -4,6 +4,12 @@ The widget only gathers settings into an :class:`~napari_pdcr.jobs.ExplainJob` (
 layer data on the GUI thread through :mod:`.inputs`), runs its generator in a napari
 worker (progress per forward batch, Cancel = ``worker.quit()``), and turns the returned
 explanation into layers (:mod:`.layers`) and plots (:mod:`.plots`).
+
+**Compare methods** runs the ticked methods (region effects with these settings, and the
+baselines) on the same image and region through
+:func:`~napari_pdcr.studies.methods.iter_compare_methods` in a worker, shows the maps side
+by side in grid mode (:func:`~napari_pdcr._napari.viewer.show_method_comparison`) and the
+deletion / insertion curves with the AUC table in the Results tab.
 """
 
 from __future__ import annotations
@@ -31,18 +37,54 @@ from napari_pdcr._napari.base_widget import (
     LayerChoice,
     combo_box,
     form_group,
+    plot_theme,
     spin_box,
 )
 from napari_pdcr._napari.inputs import image_array, layer_geometry, region_name
 from napari_pdcr._napari.layers import METADATA_KEY, explanation_layer_data
-from napari_pdcr._napari.plots import render_plots
-from napari_pdcr._napari.viewer import view_in_3d
+from napari_pdcr._napari.plots import EffectPlots, render_method_comparison, render_plots
+from napari_pdcr._napari.viewer import show_method_comparison, view_in_3d
 from napari_pdcr.explanations import RegionExplanation
 from napari_pdcr.jobs import ExplainJob
+from napari_pdcr.metrics.faithfulness import DIRECTIONS, RANDOM
+from napari_pdcr.studies.methods import METHODS
 
 #: Units of each outcome's effects (the colour bar's and the plots' unit).
 OUTCOME_UNITS = {"dice": "Dice points", "soft_dice": "soft-Dice points", "mean_probability": "probability points",
                  "mean_logit": "logits"}
+#: Labels and help of the methods Compare methods offers (every one of :data:`~napari_pdcr.studies.methods.METHODS`).
+METHOD_CHOICES = {
+    "region_effects": ("Causal region effects", "This widget's run (its intervention, blocks and mode)."),
+    "seg_grad_cam": ("Seg-Grad-CAM", "Grad-CAM of the region's logit sum at the bottleneck (fast)."),
+    "integrated_gradients": ("Integrated gradients", "Gradients of the region score along a path from a zero image."),
+    "gradient_x_input": ("Gradient x input", "One gradient of the region score times the image (fast)."),
+    "occlusion": ("Occlusion", "Each block zeroed once: the published ablation, one draw."),
+    "rise": ("RISE", "Random masks weighted by the region score (slow: many masks)."),
+}
+#: Ticked by default: the causal map and the two fast gradient baselines.
+DEFAULT_COMPARED = ("region_effects", "seg_grad_cam", "gradient_x_input")
+
+
+def compare_in_worker(job: ExplainJob, names: list[str], n_steps: int, *steps):
+    """Worker body of Compare methods: load the model, run every method and the curves (progress), then ``steps``.
+
+    Returns ``(MethodComparison, *(step(comparison) for step in steps))``.
+    """
+    from napari_pdcr.jobs import model_input, resolve_model
+    from napari_pdcr.models.devices import torch_threads, worker_cpu_threads
+    from napari_pdcr.studies.methods import iter_compare_methods
+
+    job.check()
+    with torch_threads(worker_cpu_threads()):
+        model = resolve_model(job.model, trusted=job.trusted)
+        image = model_input(np.asarray(job.image, dtype=np.float32), model, job.source_layer.get("name", "the image"))
+        methods = [job.method(model, image)[0] if name == "region_effects" else name for name in names]
+        options = job.parameters
+        comparison = yield from iter_compare_methods(
+            model, image, job.target_region, methods, job.reference, block_shape=options.get("block_shape", 8),
+            bank=job.bank, n_steps=n_steps, seed=options.get("seed", 0), device=options.get("device", "auto"),
+        )
+        return (comparison, *(step(comparison) for step in steps))
 
 
 class RegionEffectsWidget(DockWidget):
@@ -66,8 +108,9 @@ class RegionEffectsWidget(DockWidget):
         super().__init__(napari_viewer)
         self.picked_point: tuple[float, ...] | None = None
         self.job: ExplainJob | None = None
+        self.comparison = None  #: the latest MethodComparison (None before Compare methods)
         groups = [self._model_group(), self._region_group(), self._method_group(),
-                  self._temperature_group(), self.advanced_section(self._add_layer_rows)]
+                  self._temperature_group(), self._compare_group(), self.advanced_section(self._add_layer_rows)]
         self.assemble(groups, "Compute the ATE map in the background.")
         self._on_region_kind_changed(self.region_kind.currentText())
         self.view_3d_button = QPushButton("View in 3D around the region")
@@ -76,6 +119,16 @@ class RegionEffectsWidget(DockWidget):
         results = self.save_button.parentWidget().layout()
         results.insertWidget(results.indexOf(self.save_button) + 1, self.view_3d_button)
         self.view_3d_button.setVisible(self.result is not None and self.result.target_region.ndim == 3)
+        self.compare_button = QPushButton("Compare methods")
+        self.compare_button.setToolTip("Run the methods ticked under 'Compare methods' on this image and region: "
+                                       "maps side by side, deletion / insertion curves and AUCs in Results.")
+        self.compare_button.clicked.connect(self.compare)
+        self.run_row.insertWidget(1, self.compare_button)
+        self.comparison_summary = QLabel("")
+        self.comparison_summary.setWordWrap(True)
+        self.comparison_plot = EffectPlots()
+        results.insertWidget(results.indexOf(self.plot) + 1, self.comparison_summary)
+        results.insertWidget(results.indexOf(self.comparison_summary) + 1, self.comparison_plot)
 
     @property
     def explanation(self):
@@ -151,6 +204,21 @@ class RegionEffectsWidget(DockWidget):
             "fast: also stops drawing once a block's standard error is small (approximate).",
         )
         form.addRow("Mode", self.mode)
+        return group
+
+    def _compare_group(self) -> QGroupBox:
+        """The methods Compare methods runs, and the points on each deletion / insertion curve."""
+        group, form = form_group("Compare methods")
+        self.compared = {}
+        for name in METHODS:
+            label, tooltip = METHOD_CHOICES.get(name, (name, ""))
+            box = QCheckBox(label)
+            box.setToolTip(tooltip)
+            box.setChecked(name in DEFAULT_COMPARED)
+            self.compared[name] = box
+            form.addRow(box)
+        self.curve_steps = spin_box(20, 2, 200, "Points on each deletion / insertion curve (more = slower).")
+        form.addRow("Curve steps", self.curve_steps)
         return group
 
     # ------------------------------------------------------------------ temperature (issue 14)
@@ -358,6 +426,59 @@ class RegionEffectsWidget(DockWidget):
             partial(explanation_layer_data, **options),
             self.figure_step(),
             loading_text="loading the model…",
+        )
+
+    def compare(self) -> None:
+        """Run the ticked methods on this image and region in a worker (refused while a run is going)."""
+        names = [name for name, box in self.compared.items() if box.isChecked()]
+        if not names:
+            show_error("Tick at least one method under 'Compare methods': nothing to compare.")
+            return
+        painting = self.region_kind.currentText() == "labels" and self.region_labels.layer() is None
+        if painting and self.worker is None and self.image_choice.layer() is not None:
+            self.brush_region()
+            self.prompt_to_paint()
+            return
+        figure = partial(render_method_comparison, width_px=self.plot_width(), scale=self.devicePixelRatioF(),
+                         theme=plot_theme(self.viewer))
+        self.start_task(self._checked_job, compare_in_worker, names, self.curve_steps.value(), figure,
+                        loading_text="loading the model…", on_returned=self._on_compared)
+
+    def _set_running(self, running: bool) -> None:
+        super()._set_running(running)
+        self.compare_button.setEnabled(not running)
+
+    def _on_compared(self, result) -> None:
+        """Show the maps side by side in grid mode, and the curves and AUC table in the Results tab."""
+        comparison, figure = result
+        self.comparison = comparison
+        image_name = (self.job.source_layer or {}).get("name") if self.job is not None else None
+        image_layer = self.viewer.layers[image_name] if image_name in self.viewer.layers else None
+        if image_layer is not None:
+            image_layer.visible = False  # every grid cell has its own copy under the map
+        show_method_comparison(self.viewer, comparison, image_layer)
+        self.comparison_summary.setText(self.comparison_text(comparison))
+        self.comparison_plot.show_figure(figure, self.devicePixelRatioF())
+        self.tabs.setCurrentIndex(1)
+        self.progress.setValue(1000)
+        total = sum(row["wall_s"] or 0 for row in comparison.table) + comparison.curves.elapsed_s
+        self.progress.setFormat(f"compared {len(comparison.maps)} methods in {total:.1f} s")
+
+    @staticmethod
+    def comparison_text(comparison) -> str:
+        """The Results tab's summary of a method comparison: the most faithful method in each direction."""
+        fill = comparison.curves.fills[0]
+        rows = [row for row in comparison.table if row["method"] != RANDOM]
+        best = {direction: (min if direction == "deletion" else max)(
+            rows, key=lambda row, direction=direction: row[f"{direction} auc ({fill}, dice)"])["method"]
+            for direction in DIRECTIONS}
+        unranked = ", ".join(comparison.curves.unranked)
+        note = f" No ranking (constant map, scored as random): {unranked}." if unranked else ""
+        return (
+            f"<b>Compared {len(rows)} methods</b> on the same image and region: the maps are side by side in "
+            f"grid mode (red: supported the region, blue: hurt it; each map on its own scale). Most faithful "
+            f"({'natural patches' if fill == 'patch_bank' else fill}, Dice): by deletion (lowest AUC) "
+            f"<b>{best['deletion']}</b>, by insertion (highest AUC) <b>{best['insertion']}</b>.{note}"
         )
 
     @staticmethod

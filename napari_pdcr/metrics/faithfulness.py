@@ -18,6 +18,12 @@ is the floor. Two fills answer the out-of-distribution objection to deletion cur
 natural patches of other images (a :class:`~napari_pdcr.interventions.PatchBank`, one
 draw per block) and a blur of the image.
 
+A map that is constant over the ranked blocks (e.g. an all-zero causal map when no block
+outside the region can reach it) ranks nothing. By default it is refused; with
+``constant_maps="random"`` it gets **no ranking**: its curves are the random floor's (a
+map without an order is no better than chance), it costs no forward pass, and
+:attr:`FaithfulnessCurves.unranked` gives the reason.
+
 Every step is one composite image ``x * keep + fill * (1 - keep)``; they run in batches
 through the engine's :class:`~napari_pdcr.engine.estimator.BatchRunner` and
 :class:`~napari_pdcr.engine.scoring.RegionScoring` (out-of-memory back-off), yielding
@@ -55,6 +61,14 @@ DIRECTIONS = ("deletion", "insertion")
 CURVE_OUTCOMES = ("dice", "soft_dice")
 #: the name of the random-order floor among the curves
 RANDOM = "random"
+#: what to do with a map that is constant over the ranked blocks: refuse it, or score it as the random floor
+CONSTANT_MAPS = ("error", "random")
+#: the note of a map scored as the random floor
+NO_RANKING = "the same value on every block outside the target region: no ranking, scored as the random floor"
+
+
+class ConstantMapError(ValueError):
+    """A map has the same value on every ranked block: it ranks nothing."""
 
 
 def support_map(explanation, sign: str | None = None) -> np.ndarray:
@@ -93,7 +107,7 @@ def block_ranking(support: np.ndarray, grid: BlockGrid, ranked: np.ndarray, rng:
         raise ValueError(f"{name} contains NaN or infinite values: replace them (e.g. np.nan_to_num) before scoring it")
     values = grid.mean_per_block(support).ravel()[np.flatnonzero(ranked.ravel())]
     if values.size and np.ptp(values) == 0:
-        raise ValueError(f"{name} has the same value on every block outside the target region: it ranks nothing, "
+        raise ConstantMapError(f"{name} has the same value on every block outside the target region: it ranks nothing, "
                          "so it has no deletion or insertion curve")
     blocks = np.flatnonzero(ranked.ravel())
     shuffle = rng.permutation(len(blocks))
@@ -108,7 +122,8 @@ class FaithfulnessCurves:
     (deletion, insertion), fill, outcome (:data:`CURVE_OUTCOMES`), step, each divided by
     the unperturbed image's outcome ``base_outcome`` ``(n_outcomes,)``; ``fractions``
     ``(n_steps + 1,)`` is the share of ranked blocks removed (deletion) or restored
-    (insertion). ``curves["random"]`` is the random-order floor.
+    (insertion). ``curves["random"]`` is the random-order floor. ``unranked[name]`` says why
+    a map got no ranking (constant over the ranked blocks; its curves are the floor's).
     """
 
     fractions: np.ndarray
@@ -120,6 +135,7 @@ class FaithfulnessCurves:
     forward_passes: int = 0
     elapsed_s: float = 0.0
     parameters: dict = field(default_factory=dict)
+    unranked: dict[str, str] = field(default_factory=dict)
 
     def auc(self, name: str) -> np.ndarray:
         """Areas under ``name``'s curves, ``(2, n_fills, n_outcomes)`` (1 = the base outcome throughout)."""
@@ -128,11 +144,12 @@ class FaithfulnessCurves:
         return ((curve[..., 1:] + curve[..., :-1]) / 2 * widths).sum(axis=-1)
 
     def table(self) -> list[dict]:
-        """One row per map: ``{"method": name, "deletion auc (fill, outcome)": ..., "insertion auc (...)": ...}``."""
+        """One row per map: ``{"method": name, "ranked": bool, "note": text, "deletion auc (fill, outcome)": ...,
+        "insertion auc (...)": ...}`` (``ranked`` False: the map ranks nothing, its AUCs are the random floor's)."""
         rows = []
         for name in self.curves:
             area = self.auc(name)
-            row = {"method": name}
+            row = {"method": name, "ranked": name not in self.unranked, "note": self.unranked.get(name, "")}
             for d, direction in enumerate(DIRECTIONS):
                 for f, fill in enumerate(self.fills):
                     for o, outcome in enumerate(self.outcomes):
@@ -165,13 +182,16 @@ class Faithfulness:
         Points on each curve besides the start; ``None``: one step per ranked block.
     n_random
         Shuffles averaged into the random-order floor.
+    constant_maps
+        ``"error"`` (default): a map constant over the ranked blocks raises ``ValueError``;
+        ``"random"``: it gets the random floor's curves and is listed in ``unranked``.
     seed, device, batch_size, memory_budget_mb
         As for :class:`~napari_pdcr.methods.base.Method`.
     """
 
     def __init__(self, model: SegmentationModel, fills: Mapping[str, Intervention] | None = None,
-                 block_shape=8, n_steps: int | None = 20, n_random: int = 3, seed: int = 0,
-                 device="auto", batch_size: int | None = None, memory_budget_mb: float = 1024):
+                 block_shape=8, n_steps: int | None = 20, n_random: int = 3, constant_maps: str = "error",
+                 seed: int = 0, device="auto", batch_size: int | None = None, memory_budget_mb: float = 1024):
         if not isinstance(model, SegmentationModel):
             raise TypeError(f"model must be a SegmentationModel; got {type(model).__name__}")
         self.model = model
@@ -181,6 +201,9 @@ class Faithfulness:
         self.block_shape = block_shape
         self.n_steps = optional_positive_int("n_steps", n_steps)
         self.n_random = positive_int("n_random", n_random)
+        if constant_maps not in CONSTANT_MAPS:
+            raise ValueError(f"constant_maps must be one of {', '.join(CONSTANT_MAPS)}; got {constant_maps!r}")
+        self.constant_maps = constant_maps
         self.seed = non_negative_int("seed", seed)
         self.device = resolve_device(device)
         self.batch_size, self.memory_budget_mb = optional_positive_int("batch_size", batch_size), memory_budget_mb
@@ -190,6 +213,7 @@ class Faithfulness:
         return {
             "fills": {name: fill.describe() for name, fill in self.fills.items()},
             "block_shape": self.block_shape, "n_steps": self.n_steps, "n_random": self.n_random,
+            "constant_maps": self.constant_maps,
             "seed": self.seed, "device": str(self.device),
         }
 
@@ -214,10 +238,15 @@ class Faithfulness:
         if not maps:
             raise ValueError("give at least one map to score")
         rng = np.random.default_rng([self.seed, 1])
-        orders = {}
+        orders, unranked = {}, {}
         for name, value in maps.items():
             support = support_map(*value) if isinstance(value, tuple) else support_map(value)
-            orders[name] = block_ranking(support, grid, ranked, rng, f"the map {name!r}")
+            try:
+                orders[name] = block_ranking(support, grid, ranked, rng, f"the map {name!r}")
+            except ConstantMapError:
+                if self.constant_maps == "error":
+                    raise
+                unranked[name] = NO_RANKING
         shuffles = [rng.permutation(np.flatnonzero(ranked.ravel())) for _ in range(self.n_random)]
         n_ranked = int(ranked.sum())
         n_steps = min(self.n_steps or n_ranked, n_ranked)
@@ -255,12 +284,14 @@ class Faithfulness:
             per_fill.append(values.reshape(len(all_orders), 2, n_steps + 1, len(self.outcomes)) / base)
         # (orders, direction, fill, outcome, step)
         stacked = np.stack(per_fill, axis=2).transpose(0, 1, 2, 4, 3)
-        curves = {name: stacked[i] for i, name in enumerate(orders)}
-        curves[RANDOM] = stacked[len(orders):].mean(axis=0)
+        floor = stacked[len(orders):].mean(axis=0)
+        ranked_curves = dict(zip(orders, stacked, strict=False))
+        curves = {name: ranked_curves[name] if name in ranked_curves else floor.copy() for name in maps}
+        curves[RANDOM] = floor
         return FaithfulnessCurves(
             fractions=counts / n_ranked, fills=tuple(self.fills), outcomes=CURVE_OUTCOMES, curves=curves,
             base_outcome=base, n_ranked_blocks=n_ranked, forward_passes=passes,
-            elapsed_s=time.perf_counter() - t0, parameters=self.parameters(),
+            elapsed_s=time.perf_counter() - t0, parameters=self.parameters(), unranked=unranked,
         )
 
     def evaluate(self, image, target_region, maps, reference=None, progress=None) -> FaithfulnessCurves:

@@ -10,6 +10,7 @@ Usage (console or script)::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from napari_pdcr.methods.rise import Rise
 from napari_pdcr.methods.seg_grad_cam import SegGradCam
 from napari_pdcr.metrics.faithfulness import Faithfulness, FaithfulnessCurves, support_map
 
+logger = logging.getLogger(__name__)
+
 #: the methods by name, in the order they are shown
 METHODS: dict[str, type[Method]] = {
     "region_effects": RegionEffects,
@@ -45,7 +48,9 @@ class MethodComparison:
 
     maps: dict[str, Explanation]  #: method name -> its explanation (a map of the image's spatial shape)
     curves: FaithfulnessCurves
-    table: list[dict]  #: one row per method (and the random floor): AUCs, wall time (s), forward passes
+    #: one row per method (and the random floor): AUCs, ``ranked`` / ``note`` (a constant map has no
+    #: ranking: its AUCs are the random floor's), wall time (s), forward passes
+    table: list[dict]
 
     def support_maps(self) -> dict[str, np.ndarray]:
         """Every map with the supporting sign positive, divided by its largest magnitude: float32 ``S`` in [-1, 1]."""
@@ -87,7 +92,7 @@ def iter_compare_methods(
     if len(set(names)) != len(names):
         raise ValueError(f"methods {names} repeat a name: compare each method once")
     metric = Faithfulness(model, fills={"patch_bank": bank_intervention, "blur": Blur()}, block_shape=block_shape,
-                          n_steps=n_steps, n_random=n_random, seed=seed, device=device)
+                          n_steps=n_steps, n_random=n_random, constant_maps="random", seed=seed, device=device)
     maps, wall = {}, {}
     for method in chosen:
         t0 = time.perf_counter()
@@ -96,6 +101,8 @@ def iter_compare_methods(
                                                                                   p.forward_passes, p.elapsed_s))
         wall[method.name] = time.perf_counter() - t0
     curves = yield from metric.iter_evaluate(image, target_region, maps, reference)
+    for name, note in curves.unranked.items():
+        logger.info("compare_methods: the map of %s has %s", name, note)
     table = curves.table()
     for row in table:
         explanation = maps.get(row["method"])
@@ -126,7 +133,10 @@ def compare_methods(model, image, target_region, methods: Sequence[str | Method]
         ``progress(Progress)`` after every batch; returning False cancels.
 
     Returns a :class:`MethodComparison`: the maps, the deletion / insertion curves (fills:
-    natural patches and blur) and the table of AUCs, wall time and forward passes.
+    natural patches and blur) and the table of AUCs, wall time and forward passes. A map
+    that is constant outside the region (e.g. an all-zero causal map when no block there
+    can reach the region) ranks nothing: it is scored as the random floor, flagged
+    ``ranked=False`` in the table and listed in ``curves.unranked`` (and logged).
     """
     return drive(iter_compare_methods(model, image, target_region, methods, reference, block_shape, bank, n_steps,
                                       n_random, seed, device), progress)
