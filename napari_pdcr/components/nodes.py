@@ -10,13 +10,12 @@ one layer, or different stages, share a forward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from napari_pdcr.components.enumerate import Component, network_of
-from napari_pdcr.components.graph import JoinTaps
 from napari_pdcr.components.interventions import ActivationIntervention
 from napari_pdcr.engine.estimator import NodeSet
 from napari_pdcr.engine.scoring import RegionScoring
@@ -123,19 +122,14 @@ class ComponentNodes(NodeSet):
             return hook
 
         handles = [m.register_forward_hook(hook_for(p)) for p, m in self._modules.items()]
-        taps = JoinTaps(record=[(c.join, c.argument) for c in self.components if c.part == "join"])
         try:
-            with torch.inference_mode(), taps:
+            with torch.inference_mode():
                 self.model(batch)
         finally:
             for h in handles:
                 h.remove()
         out = []
         for c in self.components:
-            if c.part == "join":  # a skip found by tracing: the joined tensor itself
-                joined = taps.recorded[(c.join, c.argument)]
-                out.append(joined[(slice(None), *c.index(joined, joined))].clone())
-                continue
             calls = seen[c.path]
             if len(calls) != 1 or not isinstance(calls[0][1], torch.Tensor):
                 raise ValueError(
@@ -143,7 +137,7 @@ class ComponentNodes(NodeSet):
                     f"tensor; it ran {len(calls)} time(s)"
                 )
             module_input, output = calls[0]
-            out.append(output[(slice(None), *c.index(module_input, output))].clone())
+            out.append(output[:, c.channel_slice(module_input, output)].clone())
         return out
 
     @contextmanager
@@ -154,19 +148,13 @@ class ComponentNodes(NodeSet):
             def hook(module, args, output):
                 output = output.clone()
                 for rows, component, reps in plan[path]:
-                    if component.part != "join":
-                        output[(rows, *component.index(args[0], output))] = reps.to(output.dtype)
+                    output[rows, component.channel_slice(args[0], output)] = reps.to(output.dtype)
                 return output
             return hook
 
-        joins = {
-            (c.join, c.argument): [(rows, c, reps)] for entries in plan.values() for rows, c, reps in entries if c.part == "join"
-        }
-        hooked = [p for p, entries in plan.items() if any(c.part != "join" for _, c, _ in entries)]
-        handles = [self._modules[p].register_forward_hook(hook_for(p)) for p in hooked]
+        handles = [self._modules[p].register_forward_hook(hook_for(p)) for p in plan]
         try:
-            with JoinTaps(replace=joins) if joins else nullcontext():
-                yield
+            yield
         finally:
             for h in handles:
                 h.remove()
