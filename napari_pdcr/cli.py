@@ -273,6 +273,7 @@ def run_explain(args) -> int:
     check_model_options(args)
 
     from napari_pdcr import box_region
+    from napari_pdcr.console import cost_message
     from napari_pdcr.engine.estimator import drive
     from napari_pdcr.jobs import ExplainJob, default_bank, model_input
 
@@ -298,6 +299,7 @@ def run_explain(args) -> int:
     )
     print(f"explaining {model.name!r} on {image_path} {image.shape}, target box {list(args.box_start)} "
           f"size {size}, intervention {args.intervention}, mode={args.mode}")
+    print(f"cost: {cost_message(job)}", flush=True)
     explanation = drive(job.iter_run(), progress_printer())
     if explanation.provenance.get("patch_bank"):
         print(f"patch bank: {explanation.provenance['patch_bank']}")

@@ -16,6 +16,10 @@ viewer never imports napari.
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
+
 from napari_pdcr.engine.estimator import drive
 from napari_pdcr.explanations.region import RegionExplanation
 from napari_pdcr.jobs import ExplainJob
@@ -58,6 +62,7 @@ def explain(
     trusted: bool = False,
     progress=None,
     name: str | None = None,
+    show_cost: bool = True,
     **parameters,
 ) -> RegionExplanation:
     """Explain ``model``'s segmentation of ``target_region`` in ``image``; return the explanation.
@@ -90,6 +95,8 @@ def explain(
         Voxel size for distances; by default the image layer's scale.
     progress
         Optional ``progress(Progress)`` callback; returning False cancels the run.
+    show_cost
+        Print the upper bound of the run's time first, on stderr (:meth:`RegionEffects.estimate_cost`).
     **parameters
         ``block_shape``, ``n_screen``, ``n_estimate``, ``tau``, ``mode``, ``seed``,
         ``device``, ``batch_size`` of :class:`~napari_pdcr.methods.region_effects.RegionEffects`.
@@ -134,7 +141,21 @@ def explain(
         target_name=region_name(target, label),
         parameters=parameters,
     )
+    if show_cost:
+        print(f"napari-pdcr: {cost_message(job)}", file=sys.stderr)
     explanation = drive(job.iter_run(), progress)
     if viewer is not None:
         explanation.add_to_viewer(viewer, source_layer=image if geometry else None, name=name)
     return explanation
+
+
+def cost_message(job) -> str:
+    """The upper bound of an :class:`~napari_pdcr.jobs.ExplainJob`'s run time, as one line
+    (loads the model, which is cached for the run, and times one forward pass)."""
+    from napari_pdcr.jobs import model_input, resolve_model
+
+    job.check()
+    model = resolve_model(job.model, trusted=job.trusted)
+    image = model_input(np.asarray(job.image, dtype=np.float32), model, job.source_layer.get("name", "the image"))
+    method, _ = job.method(model, image)
+    return method.estimate_cost(image, job.target_region, job.reference).message()

@@ -15,7 +15,13 @@ it: the skip half of a concatenating skip connection, or one channel). Granulari
 ``"skips"``
     Skip connections: every concatenating MONAI ``SkipConnection`` (for a ``UNet``,
     "skip k" carries encoder k's output to decoder k); only the concatenated input
-    (the skip half of the output) is intervened on, not the deeper path.
+    (the skip half of the output) is intervened on, not the deeper path. Networks
+    without ``SkipConnection`` modules (BasicUNet, AttentionUnet, SegResNet, UNETR,
+    SwinUNETR, ...) get their skips from a traced forward pass
+    (:mod:`napari_pdcr.components.graph`): the tensor a decoder concatenates or adds
+    after the network went deeper; only that argument of the join is intervened on.
+    With an example, the modules those skips leave and enter are among the stages
+    (nested ones, as in AttentionUnet, are added).
 ``"channels"``
     The channels (axis 1) of one chosen layer's output, e.g. ``layer="encoder 2"``.
 """
@@ -28,6 +34,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
+from napari_pdcr.components.graph import Join, resolution_factor, trace_joins
 
 GRANULARITIES = ("stages", "blocks", "skips", "channels")
 
@@ -48,10 +56,14 @@ class Component:
     """One intervenable part of a network.
 
     ``path`` is the module's name in ``network.named_modules()``; ``part`` says which
-    part of its output is replaced: ``"output"`` (all of it) or ``"skip"`` (the
-    concatenated input of a ``SkipConnection``, the first channels of its output);
-    ``channel`` narrows that to one channel (axis 1). ``shape`` is the replaced
+    part of its output is replaced: ``"output"`` (all of it), ``"skip"`` (the
+    concatenated input of a ``SkipConnection``, the first channels of its output) or
+    ``"join"`` (argument ``argument`` of join ``join`` of the forward pass, found by
+    :func:`~napari_pdcr.components.graph.trace_joins`; ``path`` is the module that uses
+    it); ``channel`` narrows that to one channel (axis 1). ``shape`` is the replaced
     activation's shape without the batch axis, known after a probe forward pass.
+    ``channels_last``: the module's output is ``(N, *S, C)`` (Swin blocks), so its
+    channels are the last axis (channel components replace ``[..., k]``).
     """
 
     name: str
@@ -62,6 +74,9 @@ class Component:
     channel: int | None = None
     depth: int = 0
     shape: tuple[int, ...] | None = None
+    join: int | None = None
+    argument: int | None = None
+    channels_last: bool = False
 
     def channel_slice(self, module_input: torch.Tensor, output: torch.Tensor) -> slice:
         """Slice of the output's axis 1 that this component replaces."""
@@ -74,12 +89,19 @@ class Component:
                 raise IndexError(f"{self.name}: channel {self.channel} does not exist")
         return slice(start, stop)
 
+    def index(self, module_input: torch.Tensor, output: torch.Tensor) -> tuple:
+        """Index of the replaced part after the batch axis: ``output[(rows, *index)]``."""
+        if self.channels_last:
+            return (Ellipsis, self.channel_slice(module_input, output.movedim(-1, 1)))
+        return (self.channel_slice(module_input, output),)
+
     def describe(self) -> dict:
         """JSON-serialisable record."""
         return {
             "name": self.name, "path": self.path, "kind": self.kind, "module_type": self.module_type,
             "part": self.part, "channel": self.channel, "depth": self.depth,
             "shape": list(self.shape) if self.shape is not None else None,
+            "join": self.join, "argument": self.argument, "channels_last": self.channels_last,
         }
 
     @classmethod
@@ -105,10 +127,21 @@ def network_of(model) -> nn.Module:
     return network
 
 
-def humanize(path: str) -> str:
-    """``"down_layers.0"`` -> ``"down layers 0"``, ``"convInit"`` -> ``"conv init"``."""
-    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", path).replace("_", " ").replace(".", " ")
-    return " ".join(words.lower().split()) or "network"
+def humanize(path: str, network: nn.Module | None = None) -> str:
+    """``"down_layers.0"`` -> ``"down layers 0"``, ``"convInit"`` -> ``"conv init"``,
+    ``"swinViT.layers1.0.blocks.0"`` -> ``"swin vit layers 1 blocks 0"`` (with ``network``:
+    indices into containers of one element are left out)."""
+    parts = path.split(".") if path else []
+    if network is not None:
+        modules, kept = dict(network.named_modules()), []
+        for i, part in enumerate(parts):
+            parent = modules.get(".".join(parts[:i]))
+            if not (part.isdigit() and isinstance(parent, (nn.ModuleList, nn.Sequential)) and len(parent) == 1):
+                kept.append(part)
+        parts = kept
+    text = " ".join(parts)
+    text = re.sub(r"(?<=[a-z])(?=[A-Z][a-z])|(?<=[a-z])(?=\d)", " ", text).replace("_", " ")
+    return " ".join(text.lower().split()) or "network"
 
 
 def _resolution(factor: float) -> str:
@@ -173,17 +206,51 @@ def _generic_stages(network: nn.Module) -> list[Component]:
     while len(children) == 1 and list(children[0][1].children()):
         prefix = children[0][0] + "."
         children = _open_containers(children[0][1], prefix)
-    return [Component(humanize(path), path, "stage", type(m).__name__) for path, m in children]
+    return [Component(humanize(path, network), path, "stage", type(m).__name__) for path, m in children]
 
 
 def _skip_connections(network: nn.Module) -> list[Component]:
     from monai.networks.layers import SkipConnection
 
     return [
-        Component(f"skip {humanize(path)}", path, "skip", "SkipConnection", part="skip")
+        Component(f"skip {humanize(path, network)}", path, "skip", "SkipConnection", part="skip")
         for path, m in network.named_modules()
         if isinstance(m, SkipConnection) and m.mode == "cat" and m.dim == 1
     ]
+
+
+def _example_input(model, network: nn.Module) -> torch.Tensor | None:
+    """A test input ``(C, *S)`` of the size the model's description was probed with, if known."""
+    description = getattr(model, "description", None)
+    shape = getattr(description, "example_shape", None)
+    if shape is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand((model.in_channels, *shape), generator=generator)
+
+
+def _traced_components(model, network: nn.Module, example: torch.Tensor) -> tuple[list[Component], list[Component]]:
+    """Encoder / decoder stages and skips of ``network`` from a traced pass on ``example`` ``(C, *S)``.
+
+    Skip k (finest first) is argument ``argument`` of join ``join``, named after the
+    module the skip tensor leaves and the module that uses it; both are stages.
+    """
+    run = model if hasattr(model, "network") else network
+    device = next(network.parameters()).device
+    joins: list[Join] = sorted(trace_joins(network, example[None].to(device), run), key=lambda j: (j.factor, j.index))
+    stages, skips, seen = [], [], set()
+    for k, j in enumerate(joins, start=1):
+        res = _resolution(2 ** round(math.log2(j.factor)))
+        encoder, decoder = humanize(j.encoder, network), humanize(j.decoder, network)
+        skips.append(Component(
+            f"skip {k} ({res}): {encoder} -> {decoder}", j.decoder, "skip", "join", part="join", depth=k,
+            shape=j.shape, join=j.index, argument=j.argument,
+        ))
+        for path in (j.encoder, j.decoder):
+            if path not in seen:
+                seen.add(path)
+                stages.append(Component(humanize(path, network), path, "stage", type(network.get_submodule(path)).__name__))
+    return stages, skips
 
 
 def _blocks(network: nn.Module, stages: list[Component]) -> list[Component]:
@@ -202,11 +269,12 @@ def _blocks(network: nn.Module, stages: list[Component]) -> list[Component]:
             key=lambda s: len(s.path), default=None,
         )
         if stage is None:
-            name = humanize(path)
+            name = humanize(path, network)
         elif stage.path == path:
             name = stage.name
         else:
-            name = f"{stage.name} / {humanize(path[len(stage.path) + 1:])}"
+            stage_module = network.get_submodule(stage.path) if stage.path else network
+            name = f"{stage.name} / {humanize(path[len(stage.path) + 1:], stage_module)}"
         depth = stage.depth + (stage.path != path) if stage else 0
         out.append(Component(name, path, "block", type(module).__name__, depth=depth))
     return out
@@ -250,16 +318,22 @@ def probe(model, components: list[Component], example: torch.Tensor) -> list[Com
     spatial = tuple(example.shape[1:])
     kept = []
     for c in components:
+        if c.part == "join":  # found by a trace of the same pass: shape known
+            kept.append(c)
+            continue
         seen = calls.get(c.path, [])
         if len(seen) != 1 or not isinstance(seen[0][1], torch.Tensor) or seen[0][1].ndim < 2:
             continue
         module_input, output = seen[0]
         if c.part == "skip" and module_input is None:
             continue
-        shape = tuple(output[:, c.channel_slice(module_input, output)].shape[1:])
+        if resolution_factor(output.shape, spatial) is None and resolution_factor(output.movedim(-1, 1).shape, spatial):
+            c = replace(c, channels_last=True)  # (N, *S, C): Swin blocks
+        shape = tuple(output[(slice(None), *c.index(module_input, output))].shape[1:])
         name = c.name
-        if c.kind in ("stage", "block") and "res)" not in name and len(shape) == len(spatial) + 1:
-            name = f"{name} ({_resolution(2 ** round(math.log2(spatial[0] / shape[1])))})"
+        factor = resolution_factor(output.shape if not c.channels_last else output.movedim(-1, 1).shape, spatial)
+        if c.kind in ("stage", "block") and "res)" not in name and factor:
+            name = f"{name} ({_resolution(2 ** round(math.log2(factor)))})"
         kept.append(replace(c, name=name, shape=shape))
     return sorted(kept, key=lambda c: started[c.path])
 
@@ -287,6 +361,11 @@ def enumerate_components(model, granularity: str = "stages", layer: str | None =
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     levels = _unet_levels(network)
     stages, skips = _unet_components(network, levels) if levels else (_generic_stages(network), _skip_connections(network))
+    traced_on = example if example is not None else _example_input(model, network)
+    if not levels and not skips and traced_on is not None:
+        encoders_decoders, skips = _traced_components(model, network, torch.as_tensor(traced_on))
+        paths = {c.path for c in encoders_decoders}
+        stages = [*encoders_decoders, *(c for c in stages if c.path not in paths)]
     if granularity == "channels":
         if layer is None or example is None:
             raise ValueError("granularity 'channels' needs layer=... and an example image to count its channels")
@@ -295,10 +374,12 @@ def enumerate_components(model, granularity: str = "stages", layer: str | None =
         if not found:
             raise ValueError(f"{parent.name!r} does not run exactly once with one tensor output")
         parent = found[0]
+        count, shape = (
+            (parent.shape[-1], (*parent.shape[:-1], 1)) if parent.channels_last else (parent.shape[0], (1, *parent.shape[1:]))
+        )
         return [
-            replace(parent, name=f"{parent.name} ch {k}", kind="channel", channel=k, depth=parent.depth + 1,
-                    shape=(1, *parent.shape[1:]))
-            for k in range(parent.shape[0])
+            replace(parent, name=f"{parent.name} ch {k}", kind="channel", channel=k, depth=parent.depth + 1, shape=shape)
+            for k in range(count)
         ]
     chosen = {"stages": stages, "skips": skips, "blocks": None}[granularity]
     if chosen is None:

@@ -10,12 +10,13 @@ one layer, or different stages, share a forward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 
 from napari_pdcr.components.enumerate import Component, network_of
+from napari_pdcr.components.graph import JoinTaps
 from napari_pdcr.components.interventions import ActivationIntervention
 from napari_pdcr.engine.estimator import NodeSet
 from napari_pdcr.engine.scoring import RegionScoring
@@ -122,14 +123,19 @@ class ComponentNodes(NodeSet):
             return hook
 
         handles = [m.register_forward_hook(hook_for(p)) for p, m in self._modules.items()]
+        taps = JoinTaps(network_of(self.model), record=[(c.join, c.argument) for c in self.components if c.part == "join"])
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), taps:
                 self.model(batch)
         finally:
             for h in handles:
                 h.remove()
         out = []
         for c in self.components:
+            if c.part == "join":  # a skip found by tracing: the joined tensor itself
+                joined = taps.recorded[(c.join, c.argument)]
+                out.append(joined[(slice(None), *c.index(joined, joined))].clone())
+                continue
             calls = seen[c.path]
             if len(calls) != 1 or not isinstance(calls[0][1], torch.Tensor):
                 raise ValueError(
@@ -137,7 +143,7 @@ class ComponentNodes(NodeSet):
                     f"tensor; it ran {len(calls)} time(s)"
                 )
             module_input, output = calls[0]
-            out.append(output[:, c.channel_slice(module_input, output)].clone())
+            out.append(output[(slice(None), *c.index(module_input, output))].clone())
         return out
 
     @contextmanager
@@ -148,13 +154,19 @@ class ComponentNodes(NodeSet):
             def hook(module, args, output):
                 output = output.clone()
                 for rows, component, reps in plan[path]:
-                    output[rows, component.channel_slice(args[0], output)] = reps.to(output.dtype)
+                    if component.part != "join":
+                        output[(rows, *component.index(args[0], output))] = reps.to(output.dtype)
                 return output
             return hook
 
-        handles = [self._modules[p].register_forward_hook(hook_for(p)) for p in plan]
+        joins = {
+            (c.join, c.argument): [(rows, c, reps)] for entries in plan.values() for rows, c, reps in entries if c.part == "join"
+        }
+        hooked = [p for p, entries in plan.items() if any(c.part != "join" for _, c, _ in entries)]
+        handles = [self._modules[p].register_forward_hook(hook_for(p)) for p in hooked]
         try:
-            yield
+            with JoinTaps(network_of(self.model), replace=joins) if joins else nullcontext():
+                yield
         finally:
             for h in handles:
                 h.remove()

@@ -94,11 +94,6 @@ class ComponentEffects(Method):
     ):
         super().__init__(model, seed=seed, device=device, batch_size=batch_size, memory_budget_mb=memory_budget_mb)
         network_of(model)
-        if getattr(model, "sliding_window", None) is not None:
-            raise ValueError(
-                "component effects need the whole image in one forward pass, but this model runs "
-                "window-wise (sliding_window): each component would run once per window"
-            )
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {shown(granularity)}")
         self.settings = EstimatorSettings(n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=self.seed)
@@ -156,6 +151,14 @@ class ComponentEffects(Method):
         t_start = time.perf_counter()
         # every input is checked here, before the model moves or runs
         x, region, ref = self.check_inputs(image, target_region, reference)
+        window = getattr(self.model, "sliding_window", None)
+        if window is not None and window.layout(tuple(x.shape[1:])).n_windows > 1:
+            raise ValueError(
+                "component effects need the whole image in one forward pass, but this model runs "
+                f"window-wise (sliding_window) and this image needs {window.layout(tuple(x.shape[1:])).n_windows} "
+                f"windows: each component would run once per window; explain an image of at most the window "
+                f"size {window.window_size(tuple(x.shape[1:]))}"
+            )
         bank = None
         if bank_images is not None and len(bank_images):
             prepared = [self.model.prepare_image(b, f"bank image {i}") for i, b in enumerate(bank_images)]

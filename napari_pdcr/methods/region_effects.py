@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,6 +63,37 @@ MODES = {
     # (approximate, opt-in)
     "fast": dict(skip_unreachable=True, crop_to_reach=True, adaptive=True, coarse_factor=2),
 }
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Upper bound of a region-effects run (:meth:`RegionEffects.estimate_cost`).
+
+    ``n_blocks``: candidate blocks; ``passes``: forward passes (images) at most;
+    ``seconds_per_pass``: one timed whole-image pass; ``mode``: the run's mode.
+    """
+
+    n_blocks: int
+    passes: int
+    seconds_per_pass: float
+    mode: str
+
+    @property
+    def seconds(self) -> float:
+        """Time at most, in seconds."""
+        return self.passes * self.seconds_per_pass
+
+    def message(self) -> str:
+        """One line for a person: the bound, and what to change when it is long."""
+        minutes = self.seconds / 60
+        text = (
+            f"at most about {minutes:.0f} minutes ({self.passes} forward passes of {self.seconds_per_pass:.2g} s "
+            f"for {self.n_blocks} blocks)" if minutes >= 1 else
+            f"at most about {self.seconds:.0f} s ({self.passes} forward passes for {self.n_blocks} blocks)"
+        )
+        if minutes >= 2:
+            text += ": choose " + ("larger blocks" if self.mode == "fast" else "fast mode or larger blocks") + " to make it shorter"
+        return text
 
 
 class RegionEffects(Method):
@@ -305,6 +337,30 @@ class RegionEffects(Method):
             )
             for j, outcome in enumerate(outcomes)
         ]
+
+    def estimate_cost(self, image, target_region, reference=None) -> CostEstimate:
+        """An upper bound on the forward passes and time of :meth:`attribute`, before running it.
+
+        Counts the candidate blocks (every block outside the region), the passes of the
+        reach probe (one per group of 4^d and 2^d blocks) and of the estimate if every
+        block were reachable and passed the screen (``n_screen + n_estimate`` draws; one for
+        a deterministic intervention), and times one forward pass of the whole image at
+        batch size 1. The windowed and cropped passes of a real run are cheaper, so the
+        time is a bound, not a forecast. Inputs are checked as in :meth:`attribute`.
+        """
+        x, region, _ = self.check_inputs(image, target_region, reference)
+        grid = BlockGrid.create(tuple(x.shape[1:]), self.block_shape)
+        candidates = np.flatnonzero(~grid.any_per_block(region).ravel())
+        coords = np.stack(np.unravel_index(candidates, grid.shape), axis=1)
+        reach_passes = sum(len(np.unique(coords // level, axis=0)) for level in (4, 2))
+        draws = 1 if self.intervention.deterministic else self.settings.n_screen + self.settings.n_estimate
+        model, x = self.to_device(x)
+        with torch.inference_mode():
+            model(x[None])  # warm-up: first calls allocate
+            t0 = time.perf_counter()
+            model(x[None])
+            seconds = time.perf_counter() - t0
+        return CostEstimate(len(candidates), reach_passes + len(candidates) * draws, seconds, self.mode)
 
     def _coarse_screen(self, nodes: InputBlocks, grid: BlockGrid, blocks: np.ndarray, runner: BatchRunner, factor: int):
         """Approximate: screen ``factor``-times coarser groups of ``blocks`` jointly first.

@@ -37,6 +37,9 @@ DESCRIPTION_SUFFIX = ".pdcr.json"
 BUNDLE_DESCRIPTION = "pdcr.json"
 #: spatial size of test inputs (a multiple of 32, as networks with five stride-2 levels need)
 PROBE_SIZE = 32
+#: sizes tried, smallest first, when the image's shape and a window size are not known
+#: (transformers need several patches per axis; Swin nets 2 positions at 1/32 res)
+SEARCH_SIZES = (32, 64, 96, 128)
 
 
 @dataclass
@@ -71,6 +74,9 @@ class ModelDescription:
         or a dict of its fields).
     name
         Display name.
+    example_shape
+        Spatial size the model ran on in its test pass (found by
+        :func:`complete_description`; used to trace it, e.g. for its skip connections).
     calibration
         The record of the temperature fit (:meth:`napari_pdcr.calibration.TemperatureFit.summary`:
         pixels used, NLL / ECE / Brier before and after); ``None``: the temperature was not fitted.
@@ -89,10 +95,13 @@ class ModelDescription:
     temperature: float = 1.0
     sliding_window: SlidingWindow | None = None
     name: str | None = None
+    example_shape: tuple[int, ...] | None = None
     calibration: dict | None = None
     inferred: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if isinstance(self.example_shape, list):
+            self.example_shape = tuple(self.example_shape)
         if isinstance(self.sliding_window, dict):
             self.sliding_window = _sliding_window_from_dict(self.sliding_window)
         if isinstance(self.divisible_by, list):
@@ -232,15 +241,20 @@ def complete_description(
     description: ModelDescription,
     network: Callable[[torch.Tensor], torch.Tensor],
     input_shape: Sequence[int] | None = None,
+    image_shape: Sequence[int] | None = None,
 ) -> ModelDescription:
     """Fill in what ``description`` leaves open by test passes of ``network`` on random inputs.
 
     ``input_shape`` ``(N, C, *S)`` is the one input shape a shape-specialised network
     accepts (e.g. a static ``torch.export`` program); its batch entry is ignored.
-    Tries spatial dims (3, 2) and input channels 1-4 only where not given; raises
-    ``ValueError`` when no candidate or more than one works, ``FloatingPointError`` when
-    the network returns NaN or infinite values. Returns a new description with every
-    inferred value noted in ``inferred``.
+    ``image_shape`` ``S`` is the spatial shape of the image to be explained, when known.
+    Tries spatial dims (3, 2) and input channels 1-4 only where not given; the test
+    input's size is, in this order: ``input_shape``, the sliding window's size, the
+    image's shape, or the smallest of :data:`SEARCH_SIZES` that runs (rounded up to
+    ``divisible_by``). A network that runs on that size only (UNETR's ``img_size``) gets a
+    sliding window of that size, with a note. Raises ``ValueError`` when no candidate or
+    more than one works, ``FloatingPointError`` when the network returns NaN or infinite
+    values. Returns a new description with every inferred value noted in ``inferred``.
     """
     d = replace(description, inferred=list(description.inferred))
     notes = d.inferred
@@ -253,36 +267,42 @@ def complete_description(
             dims_options = [len(d.sliding_window.roi_size)]
         channel_options = [d.in_channels] if d.in_channels else [1, 2, 3, 4]
 
-    def probe_size(dims: int) -> tuple[int, ...]:
+    def sizes_to_try(dims: int) -> list[tuple[int, ...]]:
         if input_shape is not None:
-            return tuple(int(s) for s in input_shape[2:])
+            return [tuple(int(s) for s in input_shape[2:])]
         if window is not None:
-            return window.window_size((PROBE_SIZE,) * dims)
-        base = PROBE_SIZE
+            return [window.window_size(tuple(image_shape) if image_shape and len(image_shape) == dims else (PROBE_SIZE,) * dims)]
         divisors = _divisors(d.divisible_by or 1, dims)
-        return tuple(math.ceil(base / q) * q for q in divisors)
+        sizes = [tuple(int(s) for s in image_shape)] if image_shape is not None and len(image_shape) == dims else []
+        sizes += [(n,) * dims for n in SEARCH_SIZES]
+        return list(dict.fromkeys(tuple(math.ceil(n / q) * q for n, q in zip(size, divisors, strict=True)) for size in sizes))
 
     working, failures = [], []
     for dims in dims_options:
         for channels in channel_options:
-            shape = (1, channels, *probe_size(dims))
-            out, why = _try_forward(network, shape)
-            if out is None:
-                failures.append(f"{dims}D with {channels} channel(s) {shape}: {why}")
+            for size in sizes_to_try(dims):
+                out, why = _try_forward(network, (1, channels, *size))
+                if out is not None:
+                    working.append((dims, channels, out, size))
+                    break
             else:
-                working.append((dims, channels, out))
+                failures.append(f"{dims}D with {channels} channel(s) {(1, channels, *size)}: {why}")
     if not working:
         given = "the given spatial_dims/in_channels" if (d.spatial_dims or d.in_channels) else "any of the tried inputs"
-        raise ValueError(f"the model does not run on {given}:\n  " + "\n  ".join(failures))
+        raise ValueError(
+            f"the model does not run on {given} (sizes up to {SEARCH_SIZES[-1]} tried; give spatial_dims, "
+            "in_channels, and divisible_by or a sliding_window for a model that needs other sizes):\n  "
+            + "\n  ".join(failures)
+        )
     if len(working) > 1:
-        options = ", ".join(f"{dims}D with {c} channel(s)" for dims, c, _ in working)
+        options = ", ".join(f"{dims}D with {c} channel(s)" for dims, c, _, _ in working)
         raise ValueError(f"the model runs on several kinds of input ({options}): give spatial_dims and in_channels")
-    dims, channels, out = working[0]
+    dims, channels, out, size = working[0]
     if d.spatial_dims is None:
         notes.append(f"spatial_dims={dims} (the only dimensionality the model ran on)")
     if d.in_channels is None:
         notes.append(f"in_channels={channels} (the only channel count the model ran on)")
-    d.spatial_dims, d.in_channels = dims, channels
+    d.spatial_dims, d.in_channels, d.example_shape = dims, channels, size
 
     if not torch.isfinite(out).all():
         raise FloatingPointError("the model returned NaN or infinite values on a random test input")
@@ -308,24 +328,36 @@ def complete_description(
             notes.append("activation='sigmoid' (assumed for one output channel; set 'none' if it outputs probabilities)")
 
     if d.divisible_by is None:
-        d.divisible_by = 1 if (input_shape is not None or window is not None) else _infer_divisor(network, dims, channels, notes)
+        d.divisible_by = 1
+        if input_shape is None and window is None:
+            divisor = _infer_divisor(network, channels, size, notes)
+            if divisor is None:
+                d.sliding_window = SlidingWindow(size)
+                notes.append(
+                    f"sliding_window roi_size={size} (the model runs on inputs of this size only, e.g. a "
+                    "transformer's fixed img_size: it is applied window by window; overlap 0.25 and constant "
+                    "blending are MONAI's defaults: set sliding_window to change them)"
+                )
+            else:
+                d.divisible_by = divisor
     if d.preprocess is None:
         d.preprocess = "none"
     return d
 
 
-def _infer_divisor(network, dims: int, channels: int, notes: list[str]) -> int:
-    """Smallest power of two ``q`` <= 32 such that the network runs on size ``base + q``."""
-    base = PROBE_SIZE
+def _infer_divisor(network, channels: int, size: tuple[int, ...], notes: list[str]) -> int | tuple[int, ...] | None:
+    """Smallest power of two ``q`` <= 32 such that the network runs on ``size + q``; the size
+    itself when it runs on twice the size only; None when it runs on ``size`` only."""
     for q in (1, 2, 4, 8, 16, 32):
-        out, _ = _try_forward(network, (1, channels, *(base + q,) * dims))
+        out, _ = _try_forward(network, (1, channels, *(s + q for s in size)))
         if out is not None:
             notes.append(
                 f"divisible_by={q} (the model runs on sizes that are multiples of {q}"
                 + (f", not on all multiples of {q // 2})" if q > 1 else ")")
             )
             return q
-    raise ValueError(
-        f"the model runs on inputs of size {base} but not on {base + 1}-{base + 32}: "
-        "give divisible_by, or a sliding_window with the size it needs"
-    )
+    out, _ = _try_forward(network, (1, channels, *(2 * s for s in size)))
+    if out is None:
+        return None
+    notes.append(f"divisible_by={size} (the model runs on {size} and twice that, not on sizes between)")
+    return size[0] if len(set(size)) == 1 else tuple(size)

@@ -73,6 +73,7 @@ def load_model(
     device="cpu",
     checkpoint=None,
     factory_kwargs: dict | None = None,
+    image_shape=None,
 ) -> SegmentationModel:
     """Load a segmentation model and wrap it for explanation.
 
@@ -99,6 +100,9 @@ def load_model(
         State dict file (``torch.save``) for a factory source; read with ``weights_only=True``.
     factory_kwargs
         Keyword arguments for the factory.
+    image_shape
+        Spatial shape of the images to be explained, when known: the test passes use it
+        (else the description's window, else the smallest size that runs).
 
     Raises
     ------
@@ -132,7 +136,7 @@ def load_model(
     if loaded.input_shape is not None:
         wanted = _fit_fixed_shape(wanted, loaded.input_shape)
     try:
-        resolved = complete_description(wanted, loaded.network, loaded.input_shape)
+        resolved = complete_description(wanted, loaded.network, loaded.input_shape, image_shape)
     except ValueError as error:
         raise ModelLoadError(f"{loaded.source}: {error}") from None
 
