@@ -39,14 +39,16 @@ from napari_pdcr.methods import (
     ComponentEffects,
     GradientXInput,
     IntegratedGradients,
+    Lrp,
     Method,
+    MiSuRe,
     Occlusion,
     RegionEffects,
     Rise,
     SegGradCam,
     explain_region,
 )
-from napari_pdcr.metrics import Faithfulness
+from napari_pdcr.metrics import Faithfulness, score_heatmap
 from napari_pdcr.models import SegmentationModel
 from napari_pdcr.models.demo import load_demo_model
 from napari_pdcr.outcomes import Outcome
@@ -70,7 +72,9 @@ __all__ = [
     "ImageMean",
     "IntegratedGradients",
     "Intervention",
+    "Lrp",
     "Method",
+    "MiSuRe",
     "NodeStatus",
     "Noise",
     "Occlusion",
@@ -92,5 +96,6 @@ __all__ = [
     "fit_temperature",
     "load_demo_model",
     "make_intervention",
+    "score_heatmap",
     "temperature_sweep",
 ]

@@ -63,8 +63,9 @@ def explain(
     progress=None,
     name: str | None = None,
     show_cost: bool = True,
+    each_label: bool = False,
     **parameters,
-) -> RegionExplanation:
+) -> RegionExplanation | dict:
     """Explain ``model``'s segmentation of ``target_region`` in ``image``; return the explanation.
 
     Parameters
@@ -97,6 +98,9 @@ def explain(
         Optional ``progress(Progress)`` callback; returning False cancels the run.
     show_cost
         Print the upper bound of the run's time first, on stderr (:meth:`RegionEffects.estimate_cost`).
+    each_label
+        Explain every label of ``target_region`` (a Labels layer or a label image) on one
+        set of forward passes; returns ``{label: RegionExplanation}``.
     **parameters
         ``block_shape``, ``n_screen``, ``n_estimate``, ``tau``, ``mode``, ``seed``,
         ``device``, ``batch_size`` of :class:`~napari_pdcr.methods.region_effects.RegionEffects`.
@@ -127,7 +131,8 @@ def explain(
     geometry = layer_geometry(image)
     job = ExplainJob(
         image=image_array(image),
-        target_region=region_mask(target, image, label=label, point=point),
+        target_region=np.asarray(getattr(target, "data", target)) if each_label else
+        region_mask(target, image, label=label, point=point),
         model=model,
         reference=None if reference is None else reference_mask(reference, label=reference_label),
         intervention=intervention,
@@ -140,13 +145,16 @@ def explain(
         source_layer=geometry,
         target_name=region_name(target, label),
         parameters=parameters,
+        each_label=each_label,
     )
     if show_cost:
         print(f"napari-pdcr: {cost_message(job)}", file=sys.stderr)
-    explanation = drive(job.iter_run(), progress)
+    result = drive(job.iter_run(), progress)
     if viewer is not None:
-        explanation.add_to_viewer(viewer, source_layer=image if geometry else None, name=name)
-    return explanation
+        for key, explanation in result.items() if each_label else [(None, result)]:
+            label_name = name if key is None else f"{name or job.target_name or 'label'} {key}"
+            explanation.add_to_viewer(viewer, source_layer=image if geometry else None, name=label_name)
+    return result
 
 
 def cost_message(job) -> str:

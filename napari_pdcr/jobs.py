@@ -22,7 +22,7 @@ from scipy import ndimage
 from napari_pdcr.components import enumerate_components
 from napari_pdcr.interventions import make_intervention
 from napari_pdcr.methods import ComponentEffects, RegionEffects
-from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.models.base import CLASSIFIER, SegmentationModel
 from napari_pdcr.outcomes import Outcome
 from napari_pdcr.regions import validate_reference
 from napari_pdcr.samples import load_sample
@@ -119,6 +119,17 @@ def demo_model_dims(name: str) -> int | None:
     return spec.spatial_dims if spec is not None else None
 
 
+def model_kind(model) -> str | None:
+    """``"segmentation"`` or ``"classifier"`` for a :class:`SegmentationModel` or a demo model's name,
+    without loading it; None for a model file (known once it is loaded)."""
+    if isinstance(model, SegmentationModel):
+        return model.kind
+    from napari_pdcr.models.demo import DEMO_MODELS
+
+    spec = DEMO_MODELS.get(str(model))
+    return getattr(spec, "kind", None) if spec is not None else None
+
+
 def model_input(image: np.ndarray, model: SegmentationModel, name: str = "the image") -> np.ndarray:
     """``(C, *S)`` from a grayscale ``S`` or channels-first ``(C, *S)`` array, checked against the model."""
     dims, channels = model.spatial_dims, model.in_channels
@@ -182,16 +193,19 @@ class ExplainJob:
     """Everything one region-effects run needs, as plain arrays and settings.
 
     ``image`` is ``S`` or ``(C, *S)`` raw intensities; ``target_region`` and
-    ``reference`` are bool ``S`` (``reference=None``: the model's own prediction);
+    ``reference`` are bool ``S`` (``reference=None``: the model's own prediction;
+    ``target_region=None`` for a classifier, whose output is global);
     ``model`` a demo name, a file path or a :class:`SegmentationModel`. ``bank`` holds
     the other images of a patch bank, one array or a list (None: the bundled default).
     ``parameters`` go to :class:`~napari_pdcr.methods.region_effects.RegionEffects`
     (``block_shape``, ``n_screen``, ``n_estimate``, ``tau``, ``mode``, ``seed``,
-    ``device``, ``batch_size``).
+    ``device``, ``batch_size``). ``each_label=True``: ``target_region`` is a label
+    image and every label is explained on one set of forward passes; the run returns
+    ``{label: RegionExplanation}``.
     """
 
     image: np.ndarray
-    target_region: np.ndarray
+    target_region: np.ndarray | None
     model: str | SegmentationModel = "unet2d"
     reference: np.ndarray | None = None
     intervention: str = "patch_bank"
@@ -204,13 +218,16 @@ class ExplainJob:
     source_layer: dict = field(default_factory=dict)
     target_name: str = ""
     parameters: dict = field(default_factory=dict)
+    each_label: bool = False
 
     def check(self) -> None:
         """Raise ``ValueError`` with a user-facing sentence for problems visible before a run."""
-        if not np.any(self.target_region):
+        classifier = model_kind(self.model) == CLASSIFIER  # its output is global: the region is optional
+        if not classifier and (self.target_region is None or not np.any(self.target_region)):
             raise ValueError("the target region is empty: paint it (or choose a label value that exists) first")
         dims = self.model.spatial_dims if isinstance(self.model, SegmentationModel) else demo_model_dims(str(self.model))
-        ndim = np.ndim(self.target_region)
+        channels = self.model.in_channels if isinstance(self.model, SegmentationModel) else 1
+        ndim = np.ndim(self.target_region) if self.target_region is not None else np.ndim(self.image) - (channels > 1)
         if dims is not None and ndim != dims:
             name = getattr(self.model, "name", self.model)
             raise ValueError(f"model {name!r} explains {dims}D images, but the image is {ndim}D: choose a {ndim}D model")
@@ -221,13 +238,17 @@ class ExplainJob:
         model = resolve_model(self.model, trusted=self.trusted)
         image = model_input(np.asarray(self.image, dtype=np.float32), model, self.source_layer.get("name", "the image"))
         method, bank_note = self.method(model, image)
-        explanation = yield from method.iter_attribute(image, self.target_region, self.reference, self.spacing)
-        explanation.provenance.update(
-            source_layer=self.source_layer or None,
-            target_layer=self.target_name or None,
-            patch_bank=bank_note,
-        )
-        return explanation
+        if self.each_label:
+            result = yield from method.iter_attribute(image, None, self.reference, self.spacing, regions=self.target_region)
+        else:
+            result = yield from method.iter_attribute(image, self.target_region, self.reference, self.spacing)
+        for explanation in result.values() if self.each_label else [result]:
+            explanation.provenance.update(
+                source_layer=self.source_layer or None,
+                target_layer=self.target_name or None,
+                patch_bank=bank_note,
+            )
+        return result
 
     def method(self, model: SegmentationModel, image: np.ndarray) -> tuple[RegionEffects, str | None]:
         """The :class:`RegionEffects` these settings describe for the loaded ``model`` and its ``image``

@@ -5,6 +5,11 @@ batch of ``N`` evaluations, ``K`` output channels and ``M`` voxels of the region
 returns ``(N,)`` values. Dice outcomes are on a 0-100 scale (percentage points) as in
 the published method; ``mean_probability`` is in percent too, so that one threshold
 ``tau`` means the same for both; ``mean_logit`` is in logit units.
+
+A classifier's scores ``(N, K)`` are scored as one voxel ``(N, K, 1)`` whose reference is
+the chosen class (:mod:`napari_pdcr.engine.class_scoring`): ``mean_logit`` is the class's
+logit, ``mean_probability`` 100 x its probability at temperature ``T``, and ``dice`` the
+hard outcome, 100 while the predicted class stays the chosen one and 0 when it changes.
 """
 
 from __future__ import annotations
@@ -134,6 +139,7 @@ def outcome_for(outcome: Outcome | str, model) -> Outcome:
     elif outcome.channel is None and getattr(description, "channel", None) is not None:
         outcome = replace(outcome, channel=description.channel)
     out_channels = getattr(description, "out_channels", None)
-    if out_channels is not None:
+    classifier_default = getattr(model, "is_classifier", False) and outcome.channel is None  # the predicted class
+    if out_channels is not None and not classifier_default:
         outcome.resolve_channel(out_channels, model.activation)
     return outcome

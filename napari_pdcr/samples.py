@@ -44,9 +44,18 @@ _SAMPLES: dict[str, tuple[str, str]] = {
 }
 
 
+#: generated, not stored: :mod:`napari_pdcr.lesions` on the held-out subject
+LESION_SAMPLE = "lesion_slices"
+_LESION_DESCRIPTION = (
+    "Second subject (ITK) at 2 mm (N x 112 x 96), each slice without and with one synthetic "
+    "textured lesion (napari_pdcr.lesions, seed 0); mask = lesion mask; held out from the "
+    "lesion classifiers' training."
+)
+
+
 def sample_names() -> list[str]:
     """Names accepted by :func:`load_sample`."""
-    return list(_SAMPLES)
+    return [*_SAMPLES, LESION_SAMPLE]
 
 
 def load_sample(name: str) -> dict:
@@ -58,10 +67,16 @@ def load_sample(name: str) -> dict:
     stacks also carry ``slice_index`` (int or ``(N,)``: axial index ``d`` on the 1 mm
     volume grid); the Colin27 stack carries ``heldout`` (``(N,)`` bool, see :func:`colin27_split`).
 
+    ``lesion_slices`` is generated (:func:`napari_pdcr.lesions.make_lesion_set`): its
+    ``mask`` is the lesion mask, and it also carries ``labels`` (``(N,)``, 1 = lesion) and
+    ``brain_mask``.
+
     Raises ``KeyError`` naming the available samples for an unknown name.
     """
+    if name == LESION_SAMPLE:
+        return _lesion_sample()
     if name not in _SAMPLES:
-        raise KeyError(f"unknown sample {name!r}; available: {', '.join(_SAMPLES)}")
+        raise KeyError(f"unknown sample {name!r}; available: {', '.join(sample_names())}")
     filename, description = _SAMPLES[name]
     with np.load(sample_data_dir() / filename, allow_pickle=False) as data:
         sample = {
@@ -76,6 +91,20 @@ def load_sample(name: str) -> dict:
                 value = data[key]
                 sample[key] = int(value) if value.ndim == 0 else value.copy()
     return sample
+
+
+def _lesion_sample() -> dict:
+    from napari_pdcr.lesions import (  # lesions builds on this module
+        HELDOUT_SUBJECT,
+        make_lesion_set,
+    )
+
+    lesions = make_lesion_set(HELDOUT_SUBJECT, copies=2, seed=0)
+    return {
+        "image": lesions.images, "mask": lesions.lesion_masks, "spacing": lesions.spacing, "name": LESION_SAMPLE,
+        "description": _LESION_DESCRIPTION, "slice_index": lesions.slice_index, "labels": lesions.labels,
+        "brain_mask": lesions.brain_masks,
+    }
 
 
 def colin27_split() -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +138,16 @@ def sample_layers_2d() -> list[tuple]:
     """napari LayerData tuples ``[(image, kwargs, "image"), (mask, kwargs, "labels")]`` of
     the 2D Colin27 slice (1 mm)."""
     return _layers("colin27_slice")
+
+
+def sample_layers_lesions() -> list[tuple]:
+    """napari LayerData tuples ``[(image, kwargs, "image"), (lesion mask, kwargs, "labels")]``
+    of the lesion stack (2 mm; even positions without, odd with a lesion)."""
+    sample = load_sample(LESION_SAMPLE)
+    return [
+        (sample["image"], {"name": "lesion slices", "scale": sample["spacing"], "colormap": "gray"}, "image"),
+        (sample["mask"], {"name": "lesion mask", "scale": sample["spacing"], "opacity": 0.5}, "labels"),
+    ]
 
 
 def sample_layers_3d() -> list[tuple]:

@@ -143,6 +143,16 @@ def test_seg_grad_cam_defaults_to_the_bottleneck_and_rejects_unknown_layers():
         SegGradCam(model, layer="nowhere")
 
 
+def test_occlusion_in_exact_mode_is_the_published_map(synthetic):
+    model, _, image, region = synthetic
+    maps = [Occlusion(model, block_shape=BLOCK, tau=0.0, mode=mode, device="cpu").attribute(image, region)
+            for mode in ("published", "exact")]
+    np.testing.assert_allclose(maps[1].attribution, maps[0].attribution, atol=1e-5)
+    assert maps[1].parameters["mode"] == "exact"
+    with pytest.raises(ValueError, match="occlusion's mode must be one of published, exact"):
+        Occlusion(model, mode="fast")
+
+
 def test_bad_settings_get_clear_errors(synthetic):
     model = synthetic[0]
     with pytest.raises(ValueError, match="baseline must be one of zero, mean, blur"):

@@ -133,7 +133,7 @@ def test_bad_parameters_of_both_methods_fail_at_construction(kwargs, message):
         (dict(se_target=-1.0), r"^se_target must be a finite number >= 0; got -1\.0$"),
         (dict(block_shape=2.5), r"^block_shape must be a positive integer or 2 of them \(one per spatial axis\); got 2\.5$"),
         (dict(block_shape=(4, 4, 4)), r"^block_shape must be a positive integer or 2 of them .*; got \(4, 4, 4\)$"),
-        (dict(mode="turbo"), r"^mode must be one of published, exact, fast; got 'turbo'$"),
+        (dict(mode="turbo"), r"^mode must be one of published, exact, fast, sequential; got 'turbo'$"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )

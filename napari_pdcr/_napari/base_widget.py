@@ -19,7 +19,7 @@ from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
 from napari.utils.theme import get_theme
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 
 from napari_pdcr._napari import inputs
 from napari_pdcr._napari.inputs import image_spatial_shape, layer_geometry, region_mask
-from napari_pdcr._napari.layers import METADATA_KEY, explanation_from_layer
+from napari_pdcr._napari.layers import METADATA_KEY, explanation_from_layer, explanation_layer_data
 from napari_pdcr._napari.plots import EffectPlots
 from napari_pdcr._napari.runner import BackgroundRun
 from napari_pdcr.jobs import demo_model_dims
@@ -68,6 +68,10 @@ PAINT_REGION = "target region (to paint)"
 REGION_COLOR = "lime"
 #: Delay (ms) that puts a step in a later event-loop turn, after pending paints and other timers.
 TURN_MS = 30
+#: Roles (``layer.metadata["napari_pdcr"]["role"]``) of the signed maps, which get a colour bar.
+MAP_ROLES = ("ate", "attribution")
+#: Margin (px) around the Results page's summary and plots.
+PAGE_MARGIN_PX = 8
 #: Exceptions whose message is written for users (shown as is, without a traceback).
 USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError, MemoryError, FloatingPointError)
 
@@ -85,8 +89,21 @@ def user_message(error: BaseException) -> str:
     return f"The run failed unexpectedly ({type(error).__name__}: {error}); details are in the log."
 
 
-def add_without_selecting(viewer, layer_data: tuple):
-    """Add the layer ``layer_data`` ``(data, kwargs, type)`` describes to ``viewer``, keeping the selection.
+def result_layers(explanation, **options) -> list[tuple[Layer, bool]]:
+    """The explanation's layers (:func:`~napari_pdcr._napari.layers.explanation_layer_data` with ``options``),
+    made hidden, each with whether it is to be shown.
+
+    A worker step: a napari layer is a plain model (no Qt), and making one (thumbnails,
+    colormaps, outlines) takes tens of milliseconds that the GUI thread then saves.
+    """
+    made = []
+    for data, kwargs, kind in explanation_layer_data(explanation, **options):
+        made.append((Layer.create(data, {**kwargs, "visible": False}, kind), kwargs.get("visible", True)))
+    return made
+
+
+def add_without_selecting(viewer, layer: Layer) -> Layer:
+    """Add ``layer`` to ``viewer``, keeping the selection.
 
     napari selects a newly added layer, which builds and draws its layer controls at once
     (0.1-0.5 s on the GUI thread with software OpenGL); the person selects the map when
@@ -96,7 +113,7 @@ def add_without_selecting(viewer, layer_data: tuple):
     activate = getattr(layers, "_activate_on_insert", True)
     layers._activate_on_insert = False
     try:
-        return viewer.add_layer(Layer.create(*layer_data))
+        return viewer.add_layer(layer)
     finally:
         layers._activate_on_insert = activate
 
@@ -117,12 +134,15 @@ TICK_CHARACTERS = "0123456789.-+e" + " ÅÉÑŐjgpqy"
 
 
 def preload_tick_glyphs(viewer) -> None:
-    """Render the colour bar's tick glyphs now, one per event-loop turn.
+    """Render the colour bar's tick glyphs now, one per event-loop turn, and upload them.
 
     napari renders each glyph of its canvas font on first use (~10-25 ms each, on the GUI
-    thread); the first ATE map's colour bar would otherwise pay for all of them in one
-    frame at the end of a run. Needs napari's Qt canvas (``window._qt_viewer``); a viewer
-    without one is left alone.
+    thread) and uploads it to the font's texture at the first draw of a text that uses
+    it (one texture update per glyph); the first ATE map's colour bar would otherwise pay
+    for both in one frame at the end of a run. The upload is done by drawing the glyphs
+    once in napari's text overlay (same font), fully transparent, then restoring the
+    overlay. Needs napari's Qt canvas (``window._qt_viewer``); a viewer without one is
+    left alone.
     """
     viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a public-only proxy
     canvas = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "canvas", None)
@@ -130,7 +150,35 @@ def preload_tick_glyphs(viewer) -> None:
         return
     font_info = canvas.font_info()
     font = font_info.font_manager.get_font(font_info.face)
-    in_turns(partial(font.__getitem__, character) for character in TICK_CHARACTERS)
+    keep_kernel_on_gpu(font)
+    overlay = viewer.text_overlay
+    in_turns([*(partial(font.__getitem__, character) for character in TICK_CHARACTERS),
+              partial(draw_transparently, overlay, TICK_CHARACTERS)])
+
+
+def keep_kernel_on_gpu(font) -> None:
+    """Upload the filter kernel of vispy's ``font`` (a ``TextureFont``) once, not at every draw of its texts.
+
+    vispy's text visual assigns the font's kernel, a numpy array (16 x 1024 RGBA), to its
+    shader at every draw, and an array is copied into the texture each time: with
+    software OpenGL each copy waits for the previous frame to finish (0.05-0.25 s per
+    frame on 2 busy cores once a colour bar shows). Given as a texture it is bound, not
+    copied. Left alone when vispy's font has no such kernel.
+    """
+    from vispy.gloo import Texture2D
+
+    kernel = getattr(font, "_kernel", None)
+    if isinstance(kernel, np.ndarray):
+        font._kernel = Texture2D(kernel)  # what vispy makes of the array, made once
+
+
+def draw_transparently(text_overlay, text: str) -> None:
+    """Draw ``text`` in napari's ``text_overlay`` once, fully transparent, then restore the overlay (next turn)."""
+    if text_overlay.visible:  # in use: its font's glyphs are drawn anyway
+        return
+    saved = {"text": text_overlay.text, "color": text_overlay.color}
+    text_overlay.update({"text": text, "color": (0.0, 0.0, 0.0, 0.0), "visible": True})
+    in_turns([partial(text_overlay.update, {**saved, "visible": False})])
 
 
 def finish_in_worker(job, *steps):
@@ -262,9 +310,27 @@ def collapsible(title: str, body: QWidget, expanded: bool = False) -> QWidget:
     return section
 
 
+class VerticalScrollArea(QScrollArea):
+    """A vertical scroll area (no horizontal scroll bar) never narrower than its content needs.
+
+    Its minimum width is the content's minimum width plus the scroll bar and the frame,
+    asked afresh on every layout pass: napari's style sheet, applied when the widget is
+    docked, widens the controls after construction, and a minimum fixed then would clip
+    the content's right side.
+    """
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        content = self.widget()
+        if content is None:
+            return hint
+        needed = content.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        return QSize(max(hint.width(), needed), hint.height())
+
+
 def scrolled(widget: QWidget) -> QScrollArea:
-    """``widget`` in a vertical scroll area (no horizontal scroll bar)."""
-    area = QScrollArea()
+    """``widget`` in a :class:`VerticalScrollArea`."""
+    area = VerticalScrollArea()
     area.setWidgetResizable(True)
     area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     area.setWidget(widget)
@@ -429,8 +495,6 @@ class DockWidget(BackgroundRun, QWidget):
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self.tabs, 1)
         layout.addLayout(self._run_section(run_tooltip))
-        # wide enough for the settings without a horizontal scroll bar
-        self.setMinimumWidth(setup.minimumSizeHint().width() + 40)
         for event in ("inserted", "removed", "reordered"):
             getattr(self.viewer.layers.events, event).connect(self._refresh_layers)
         for layer in self.viewer.layers:
@@ -455,6 +519,7 @@ class DockWidget(BackgroundRun, QWidget):
     def _results_page(self) -> QWidget:
         page = QWidget()
         layout = QVBoxLayout(page)
+        layout.setContentsMargins(*(PAGE_MARGIN_PX,) * 4)
         self.summary = QLabel("No result yet: set up a run and press Run.")
         self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -495,8 +560,11 @@ class DockWidget(BackgroundRun, QWidget):
         return self.setup_page  # the settings, not their scroll bar
 
     def plot_width(self) -> int:
-        """Width for the plots: the Results page's, less its margins and a scroll bar (240-420 px)."""
-        return min(420, max(240, self.tabs.width() - 60))
+        """Width for the plots: the Results page's visible width less its margins (240-420 px)."""
+        area = self.tabs.currentWidget()  # the tab on show (a tab never shown has no real size yet)
+        scroll_bar = area.verticalScrollBar()  # the plots make the Results page scroll: leave room for its bar
+        visible = area.viewport().width() - (0 if scroll_bar.isVisible() else scroll_bar.sizeHint().width())
+        return min(420, max(240, visible - 2 * PAGE_MARGIN_PX))
 
     # ------------------------------------------------------------------ reactions
     def _refresh_layers(self, event=None) -> None:
@@ -661,24 +729,27 @@ class DockWidget(BackgroundRun, QWidget):
             self.show_result(result)
 
     def show_colorbar(self, layer) -> None:
-        """Show napari's colour bar (in the outcome's units) on an ATE map of :attr:`RESULT_KIND`."""
-        ate_map = self.result_of_layer(layer) is not None and layer.metadata[METADATA_KEY]["role"] == "ate"
-        if ate_map and layer in self.viewer.layers:
+        """Show napari's colour bar (in the map's units) on a signed map of :attr:`RESULT_KIND`."""
+        signed_map = self.result_of_layer(layer) is not None and layer.metadata[METADATA_KEY]["role"] in MAP_ROLES
+        if signed_map and layer in self.viewer.layers:
             layer.colorbar.visible = True
 
-    def add_result_layers(self, layer_data: list[tuple], before=(), then=None) -> None:
-        """Add a run's result layers, one per event-loop turn, without selecting them.
+    def add_result_layers(self, layers: list[tuple[Layer, bool]], before=(), then=None) -> None:
+        """Add a run's result layers (from :func:`result_layers`), without selecting them, over several
+        event-loop turns.
 
         ``before`` (callables, e.g. removing the previous result's layers) run first, each
-        in its turn; an ATE map's colour bar comes in the turn after its layer (it draws
-        its labels); ``then()`` runs last. See :func:`in_turns`.
+        in its turn. Each layer goes in hidden (its visual and controls are made), is shown
+        in the next turn (its first draw), and a signed map's colour bar comes in the turn
+        after (it makes and draws its ticks and labels); ``then()`` runs last. See :func:`in_turns`.
         """
-        added = []
         steps = list(before)
-        for item in layer_data:
-            steps.append(partial(lambda item: added.append(add_without_selecting(self.viewer, item)), item))
-            if item[1]["metadata"][METADATA_KEY]["role"] == "ate":
-                steps.append(lambda: self.show_colorbar(added[-1]))
+        for layer, shown in layers:
+            steps.append(partial(add_without_selecting, self.viewer, layer))
+            if shown:
+                steps.append(partial(setattr, layer, "visible", True))
+            if layer.metadata[METADATA_KEY]["role"] in MAP_ROLES:
+                steps.append(partial(self.show_colorbar, layer))
         in_turns([*steps, then] if then is not None else steps)
 
     def figure_step(self):
@@ -697,11 +768,14 @@ class DockWidget(BackgroundRun, QWidget):
         worker.start()
 
     def present(self, result, summary: str, figure) -> None:
-        """Make ``result`` the latest: show its summary and plot (a drawn Figure) in the Results tab."""
+        """Make ``result`` the latest: show its summary and plot (a drawn Figure; None: no plot) in the Results tab."""
         self.result = result
         self.result_pending = False
         self.summary.setText(summary)
-        self.plot.show_figure(figure, self.devicePixelRatioF())
+        if figure is None:
+            self.plot.clear()
+        else:
+            self.plot.show_figure(figure, self.devicePixelRatioF())
         self.save_button.setEnabled(True)
         self.tabs.setCurrentIndex(1)
         self.progress.setValue(1000)

@@ -20,6 +20,7 @@ from matplotlib.colors import to_rgba
 from napari.utils.colormaps import Colormap, DirectLabelColormap
 from scipy import ndimage
 
+from napari_pdcr.engine.estimator import NodeStatus
 from napari_pdcr.explanations import (
     AttributionMap,
     ComponentExplanation,
@@ -99,7 +100,7 @@ def placement(explanation: Explanation, source_layer=None) -> dict:
 
 def layer_metadata(explanation: Explanation, role: str) -> dict:
     """The ``metadata`` dict of a result layer (``role``: ate, attribution, standard_error, prediction,
-    target_region)."""
+    target_region, block_status)."""
     return {
         METADATA_KEY: {
             "role": role,
@@ -207,6 +208,45 @@ def attribution_layer_data(
     return layers + outline_layers(explanation, base, geometry, show_prediction, show_target_region)
 
 
+#: Labels of the block-status layer: what a zero (or an estimate) of the map rests on.
+SCREENED_OUT_LABEL, FEW_DRAWS_LABEL = 1, 2
+STATUS_COLORS = {SCREENED_OUT_LABEL: "silver", FEW_DRAWS_LABEL: "orange"}
+#: Period in voxels of the status layer's hatching.
+HATCH_PERIOD = 4
+
+
+def block_state_hatching(explanation: RegionExplanation) -> np.ndarray:
+    """uint8 ``S``: diagonal hatching over blocks screened out (1; set to 0 after the screen's few draws, not
+    tested) and anti-diagonal hatching over tested blocks whose estimate rests on few draws (2); 0 elsewhere.
+
+    Blocks that were tested and found zero stay clear, so the map tells them from screened-out ones.
+    """
+    status = explanation.block_status
+    not_tested = (status == NodeStatus.SCREENED_OUT) | (status == NodeStatus.PRUNED_COARSE)
+    few = np.zeros_like(not_tested) if explanation.block_few_draws is None else explanation.block_few_draws
+    few = few & np.isin(status, (NodeStatus.ESTIMATED, NodeStatus.BELOW_TAU))
+    grid = explanation.grid
+    rows, cols = np.indices(explanation.spatial_shape[-2:])
+    diagonal, anti = (rows + cols) % HATCH_PERIOD == 0, (rows - cols) % HATCH_PERIOD == 0
+    out = np.zeros(explanation.spatial_shape, np.uint8)
+    out[grid.to_voxels(not_tested).astype(bool) & diagonal] = SCREENED_OUT_LABEL
+    out[grid.to_voxels(few).astype(bool) & anti] = FEW_DRAWS_LABEL
+    return out
+
+
+def status_layer(explanation: RegionExplanation, base: str, geometry: dict) -> tuple:
+    """Labels LayerData of :func:`block_state_hatching` (grey: screened out; orange: few draws)."""
+    colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **STATUS_COLORS})
+    kwargs = {
+        "name": f"{base} screened out / few draws",
+        "colormap": colormap,
+        "opacity": 0.8,
+        "metadata": layer_metadata(explanation, "block_status"),
+        **geometry,
+    }
+    return block_state_hatching(explanation), kwargs, "labels"
+
+
 def region_layer_data(
     explanation: RegionExplanation,
     source_layer=None,
@@ -214,12 +254,15 @@ def region_layer_data(
     show_standard_error: bool = False,
     show_prediction: bool = True,
     show_target_region: bool = False,
+    show_block_status: bool = False,
 ) -> list[tuple]:
     """napari LayerData tuples ``(data, kwargs, type)`` for an explanation, bottom first.
 
     The ATE map always; on request the standard-error map (hidden until switched on),
-    and the outlines of the model's prediction (yellow) and of the target region (green)
-    as Labels layers (``metadata[...]["explanation"]`` keeps the full masks).
+    the outlines of the model's prediction (yellow) and of the target region (green)
+    as Labels layers (``metadata[...]["explanation"]`` keeps the full masks), and on top the
+    block-status hatching (:func:`block_state_hatching`: grey over screened-out blocks, orange
+    over estimates resting on few draws).
     """
     base = name or default_name(explanation)
     geometry = placement(explanation, source_layer)
@@ -242,4 +285,5 @@ def region_layer_data(
             "image",
         ))
     layers.append(signed_map_layer(explanation.ate, explanation, base, "ate", geometry))
-    return layers + outline_layers(explanation, base, geometry, show_prediction, show_target_region)
+    layers += outline_layers(explanation, base, geometry, show_prediction, show_target_region)
+    return layers + ([status_layer(explanation, base, geometry)] if show_block_status else [])

@@ -91,6 +91,11 @@ def draw_explanation_plots(figure: Figure, explanation) -> None:
     plot_histogram(explanation, hist_ax)
     _label_bars(hist_ax, "{:.0f}")
     hist_ax.margins(y=0.15)
+    if not explanation.target_region.any():  # a classifier's run: no region to measure distances from
+        dist_ax.set_axis_off()
+        dist_ax.text(0.5, 0.5, "no target region (a classifier's global output):\nno effect vs distance",
+                     ha="center", va="center", transform=dist_ax.transAxes)
+        return
     plot_effect_vs_distance(explanation, dist_ax, unit="mm" if explanation.spacing else "voxels")
     dist_ax.set_xlim(0, distance_extent(explanation))
 
@@ -116,7 +121,13 @@ def render_component_plot(result, width_px: int = 360, scale: float = 1.0, theme
     height = FRAME_PX + BAR_PX * min(len(result.components), TOP_COMPONENTS)
 
     def draw(figure: Figure) -> None:
-        plot_components(result, figure.add_subplot(), top=TOP_COMPONENTS, title=title)
+        ax = figure.add_subplot()
+        plot_components(result, ax, top=TOP_COMPONENTS, title=title)
+        # the long component names push the axes right: end the axis label (and title) at its right edge,
+        # so that the text runs left under the names instead of off the figure
+        ax.set_xlabel(ax.get_xlabel(), loc="right")
+        ax.set_title("")
+        ax.set_title(title, loc="right")
 
     return render(draw, width_px, height, scale, theme)
 

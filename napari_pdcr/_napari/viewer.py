@@ -1,5 +1,6 @@
-"""Results in a viewer: any :class:`~napari_pdcr.explanations.Explanation` as layers, and
-several models' or methods' maps side by side.
+"""Results in a viewer: any :class:`~napari_pdcr.explanations.Explanation` as layers, a
+classifier's heatmap as a segmentation scored against its ground truth, and several
+models' or methods' maps side by side.
 
 :meth:`Explanation.add_to_viewer <napari_pdcr.explanations.Explanation.add_to_viewer>`
 reaches :func:`add_to_viewer` lazily, so the core never imports napari.
@@ -12,9 +13,19 @@ from collections.abc import Mapping
 import numpy as np
 from napari.experimental import link_layers
 from napari.layers import Layer
+from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.notifications import show_info, show_warning
 
-from napari_pdcr._napari.layers import explanation_layer_data, placement
-from napari_pdcr.explanations import Explanation
+from napari_pdcr._napari.layers import (
+    METADATA_KEY,
+    default_name,
+    explanation_layer_data,
+    layer_metadata,
+    placement,
+)
+from napari_pdcr.explanations import AttributionMap, Explanation, RegionExplanation
+from napari_pdcr.metrics.segmentation import OTSU, score_heatmap
+from napari_pdcr.models.base import CLASSIFIER
 from napari_pdcr.plotting.style import symmetric_limit
 from napari_pdcr.studies.comparison import ModelComparison
 from napari_pdcr.studies.methods import MethodComparison
@@ -25,9 +36,62 @@ def add_to_viewer(viewer, explanation: Explanation, **options) -> list[Layer]:
 
     ``options`` are those of :func:`~napari_pdcr._napari.layers.explanation_layer_data`
     for the explanation's kind; ``source_layer`` is the explained image layer, whose scale
-    and translate the new layers copy.
+    and translate the new layers copy. A classifier's explanation with a ground-truth
+    mask also gets its heatmap's mask and score (:func:`add_heatmap_mask`).
     """
-    return [viewer.add_layer(Layer.create(*item)) for item in explanation_layer_data(explanation, **options)]
+    if isinstance(explanation, (AttributionMap, RegionExplanation)) and not explanation.target_region.any():
+        options = {"show_target_region": False, **options}  # a classifier's run without a region: nothing to outline
+    layers = [viewer.add_layer(Layer.create(*item)) for item in explanation_layer_data(explanation, **options)]
+    return layers + add_heatmap_mask(viewer, explanation, options.get("source_layer"))
+
+
+#: colour of a heatmap's mask (its outline; the ground truth is the user's own layer)
+HEATMAP_MASK_COLOR = "cyan"
+
+
+def heatmap_mask_layer_data(explanation: Explanation, source_layer=None, threshold: str | float = OTSU):
+    """A classifier's heatmap as a segmentation: ``(LayerData, SegmentationScore)``, or None.
+
+    None unless the explanation is of a classifier and holds a non-empty ground-truth
+    mask (its ``reference``). The Labels layer (:data:`HEATMAP_MASK_COLOR`) is the map's mask (:func:`~napari_pdcr.metrics.segmentation.score_heatmap`), named with
+    its Dice, IoU and pointing-game hit; ``metadata["napari_pdcr"]["segmentation_score"]``
+    holds the score. ``ValueError`` for a map that gives no mask (constant, no supporting value).
+    """
+    reference = getattr(explanation, "reference", None)
+    if explanation.model_identity.get("kind") != CLASSIFIER or reference is None or not np.any(reference):
+        return None
+    mask, score = score_heatmap(explanation, threshold=threshold)
+    metadata = layer_metadata(explanation, "heatmap_mask")
+    metadata[METADATA_KEY]["segmentation_score"] = score.describe()
+    kwargs = {
+        "name": f"{default_name(explanation)} mask ({score.label()})",
+        "colormap": DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: HEATMAP_MASK_COLOR}),
+        "opacity": 0.9,
+        "metadata": metadata,
+        **placement(explanation, source_layer),
+    }
+    return (mask.astype(np.uint8), kwargs, "labels"), score
+
+
+def add_heatmap_mask(viewer, explanation: Explanation, source_layer=None, threshold: str | float = OTSU) -> list[Layer]:
+    """Add a classifier's heatmap mask beside its map and notify its score against the ground truth.
+
+    Returns the added layer in a list (empty when the explanation is not a classifier's
+    with a ground-truth mask, or when its map gives no mask: the user is told why).
+    """
+    try:
+        made = heatmap_mask_layer_data(explanation, source_layer, threshold)
+    except ValueError as error:
+        show_warning(f"No heatmap mask for {default_name(explanation)}: {error}")
+        return []
+    if made is None:
+        return []
+    data, score = made
+    layer = viewer.add_layer(Layer.create(*data))
+    layer.contour = 1  # its outline, so that the map shows inside it
+    show_info(f"{default_name(explanation)} as a segmentation of the ground truth ({score.threshold_rule} "
+              f"threshold): {score.label()}")
+    return [layer]
 
 
 #: Camera angles (degrees, napari's Euler angles) of :func:`view_in_3d`: obliquely from the front and above.

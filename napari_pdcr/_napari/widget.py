@@ -5,6 +5,12 @@ layer data on the GUI thread through :mod:`.inputs`), runs its generator in a na
 worker (progress per forward batch, Cancel = ``worker.quit()``), and turns the returned
 explanation into layers (:mod:`.layers`) and plots (:mod:`.plots`).
 
+**Method** picks what Run computes: causal region effects (the default) or one of the
+baselines of :data:`~napari_pdcr.studies.methods.METHODS`, whose map is shown with the same
+colour convention (supporting red, hurting blue). A label under Run gives the upper bound
+of a region-effects run's time (:meth:`~napari_pdcr.methods.RegionEffects.estimate_cost`,
+computed in a thread) whenever the image, model, region, blocks or mode change.
+
 **Compare methods** runs the ticked methods (region effects with these settings, and the
 baselines) on the same image and region through
 :func:`~napari_pdcr.studies.methods.iter_compare_methods` in a worker, shows the maps side
@@ -18,7 +24,9 @@ from functools import partial
 
 import numpy as np
 from napari.layers import Labels, Layer, Shapes
+from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QFormLayout,
@@ -33,21 +41,27 @@ from qtpy.QtWidgets import (
 from napari_pdcr._napari.base_widget import (
     PAINT_REGION,
     REGION_LAYER_NAME,
+    USER_ERRORS,
     DockWidget,
     LayerChoice,
     combo_box,
     form_group,
     plot_theme,
+    result_layers,
     spin_box,
+    user_message,
 )
 from napari_pdcr._napari.inputs import image_array, layer_geometry, region_name
-from napari_pdcr._napari.layers import METADATA_KEY, explanation_layer_data
+from napari_pdcr._napari.layers import METADATA_KEY
 from napari_pdcr._napari.plots import EffectPlots, render_method_comparison, render_plots
-from napari_pdcr._napari.viewer import show_method_comparison, view_in_3d
-from napari_pdcr.explanations import RegionExplanation
-from napari_pdcr.jobs import ExplainJob
+from napari_pdcr._napari.viewer import add_heatmap_mask, show_method_comparison, view_in_3d
+from napari_pdcr.console import cost_message
+from napari_pdcr.explanations import AttributionMap, RegionExplanation
+from napari_pdcr.jobs import ExplainJob, model_kind
 from napari_pdcr.metrics.faithfulness import DIRECTIONS, RANDOM
-from napari_pdcr.studies.methods import METHODS
+from napari_pdcr.models.base import CLASSIFIER
+from napari_pdcr.models.devices import torch_threads, worker_cpu_threads
+from napari_pdcr.studies.methods import METHODS, build_method
 
 #: Units of each outcome's effects (the colour bar's and the plots' unit).
 OUTCOME_UNITS = {"dice": "Dice points", "soft_dice": "soft-Dice points", "mean_probability": "probability points",
@@ -60,9 +74,45 @@ METHOD_CHOICES = {
     "gradient_x_input": ("Gradient x input", "One gradient of the region score times the image (fast)."),
     "occlusion": ("Occlusion", "Each block zeroed once: the published ablation, one draw."),
     "rise": ("RISE", "Random masks weighted by the region score (slow: many masks)."),
+    "misure": ("MiSuRe", "Minimal sufficient region: dilate, then a sparse smooth mask that keeps the Dice."),
 }
 #: Ticked by default: the causal map and the two fast gradient baselines.
 DEFAULT_COMPARED = ("region_effects", "seg_grad_cam", "gradient_x_input")
+#: The method Run computes by default.
+DEFAULT_METHOD = "region_effects"
+#: Quiet time (ms) after the last change of a setting before the time estimate is computed again.
+COST_DELAY_MS = 600
+
+
+def loaded_input(job: ExplainJob):
+    """``(model, image)``: the job's model, loaded (cached), and its image in the model's layout ``(C, *S)``."""
+    from napari_pdcr.jobs import model_input, resolve_model
+
+    model = resolve_model(job.model, trusted=job.trusted)
+    return model, model_input(np.asarray(job.image, dtype=np.float32), model, job.source_layer.get("name", "the image"))
+
+
+def attribute_in_worker(job: ExplainJob, name: str, *steps):
+    """Worker body of a Run with the baseline ``name`` of :data:`METHODS`: its map (progress), then ``steps``.
+
+    The method gets the job's block size (occlusion), seed and device. Returns
+    ``(AttributionMap, *(step(map) for step in steps))``.
+    """
+    job.check()
+    with torch_threads(worker_cpu_threads()):
+        model, image = loaded_input(job)
+        options = job.parameters
+        method = build_method(name, model, None, options.get("block_shape", 8), options.get("seed", 0),
+                              options.get("device", "auto"))
+        explanation = yield from method.iter_attribute(image, job.target_region, job.reference)
+        explanation.provenance.update(source_layer=job.source_layer or None, target_layer=job.target_name or None)
+        return (explanation, *(step(explanation) for step in steps))
+
+
+def cost_in_worker(job: ExplainJob) -> str:
+    """Worker body of the time estimate: :func:`~napari_pdcr.console.cost_message` with the worker's threads."""
+    with torch_threads(worker_cpu_threads()):
+        return cost_message(job)
 
 
 def compare_in_worker(job: ExplainJob, names: list[str], n_steps: int, *steps):
@@ -70,14 +120,11 @@ def compare_in_worker(job: ExplainJob, names: list[str], n_steps: int, *steps):
 
     Returns ``(MethodComparison, *(step(comparison) for step in steps))``.
     """
-    from napari_pdcr.jobs import model_input, resolve_model
-    from napari_pdcr.models.devices import torch_threads, worker_cpu_threads
     from napari_pdcr.studies.methods import iter_compare_methods
 
     job.check()
     with torch_threads(worker_cpu_threads()):
-        model = resolve_model(job.model, trusted=job.trusted)
-        image = model_input(np.asarray(job.image, dtype=np.float32), model, job.source_layer.get("name", "the image"))
+        model, image = loaded_input(job)
         methods = [job.method(model, image)[0] if name == "region_effects" else name for name in names]
         options = job.parameters
         comparison = yield from iter_compare_methods(
@@ -97,7 +144,8 @@ class RegionEffectsWidget(DockWidget):
         "What replaces a block: patch_bank = crops of other images (published); zero / mean / blur / "
         "noise need no other images."
     )
-    RESULT_KIND = RegionExplanation
+    #: Results of a Run: the ATE map (region effects) or a baseline's map.
+    RESULT_KIND = (RegionExplanation, AttributionMap)
     BANK_LABEL = "Patch bank"
     BANK_HELP = (
         "Other images to crop patches from: the bundled samples (2D: other Colin27 slices; "
@@ -124,6 +172,7 @@ class RegionEffectsWidget(DockWidget):
                                        "maps side by side, deletion / insertion curves and AUCs in Results.")
         self.compare_button.clicked.connect(self.compare)
         self.run_row.insertWidget(1, self.compare_button)
+        self._add_cost_label()
         self.comparison_summary = QLabel("")
         self.comparison_summary.setWordWrap(True)
         self.comparison_plot = EffectPlots()
@@ -194,7 +243,14 @@ class RegionEffectsWidget(DockWidget):
         return group
 
     def _method_group(self) -> QGroupBox:
-        group, form = form_group("Intervention")
+        group, form = form_group("Method")
+        self.method_names = {METHOD_CHOICES.get(name, (name, ""))[0]: name for name in METHODS}
+        self.method_choice = combo_box(
+            self.method_names, "What Run computes: " + "; ".join(
+                f"{label}: {METHOD_CHOICES.get(name, ('', ''))[1]}" for label, name in self.method_names.items()),
+            current=METHOD_CHOICES[DEFAULT_METHOD][0], on_change=self._on_method_changed,
+        )
+        form.addRow("Method", self.method_choice)
         self.add_intervention_row(form)
         self.block_size = spin_box(8, 1, 256, "Block edge in pixels/voxels: the map's resolution (smaller = slower).")
         form.addRow("Block size", self.block_size)
@@ -313,7 +369,89 @@ class RegionEffectsWidget(DockWidget):
         form.addRow("", self.replace_previous)
         form.addRow("", self.keep_image)
 
+    def chosen_method(self) -> str:
+        """The name (in :data:`METHODS`) of the method Run computes."""
+        return self.method_names[self.method_choice.currentText()]
+
+    # ------------------------------------------------------------------ time estimate
+    def _add_cost_label(self) -> None:
+        """The label under Run with the time estimate, and the settings whose change updates it."""
+        self.cost_label = QLabel("")
+        self.cost_label.setWordWrap(True)
+        self.cost_label.setToolTip("An upper bound of a region-effects run's time with these settings: every block "
+                                   "reachable and passing the screen, one timed forward pass each.")
+        run_section = self.layout().itemAt(self.layout().count() - 1).layout()
+        run_section.insertWidget(1, self.cost_label)
+        self.cost_timer = QTimer(self)
+        self.cost_timer.setSingleShot(True)
+        self.cost_timer.setInterval(COST_DELAY_MS)
+        self.cost_timer.timeout.connect(self.estimate_cost)
+        self._cost_worker = None  #: the time estimate being computed (None: none)
+        self._cost_stale = False  #: a setting changed while it was computed: compute again when it ends
+        self._watched_region = None  #: the labels layer whose painting updates the estimate
+        for combo in (self.image_choice, self.model_choice, self.method_choice, self.region_kind, self.region_labels,
+                      self.region_shapes, self.mode, self.intervention, self.device):
+            combo.currentTextChanged.connect(self.schedule_cost)
+        for box in (self.block_size, self.region_value, self.n_screen, self.n_estimate):
+            box.valueChanged.connect(self.schedule_cost)
+        self.schedule_cost()
+
+    def schedule_cost(self, *_) -> None:
+        """Compute the time estimate again once the settings have not changed for :data:`COST_DELAY_MS`."""
+        region = self.region_labels.layer()
+        if region is not self._watched_region:  # painting the region changes the blocks to estimate
+            if self._watched_region is not None:
+                self._watched_region.events.paint.disconnect(self.schedule_cost)
+            if region is not None:
+                region.events.paint.connect(self.schedule_cost)
+            self._watched_region = region
+        self.cost_timer.start()
+
+    def estimate_cost(self) -> None:
+        """Start computing the time estimate of the current settings in a thread (the label says the outcome).
+
+        Nothing is computed while a run goes; a region-effects run only (the baselines
+        take a few passes, RISE and occlusion one per mask or block). The job is read on
+        the GUI thread; the model loads (cached) and one forward pass is timed in the thread.
+        """
+        if self.worker is not None:
+            return
+        if self._cost_worker is not None:
+            self._cost_stale = True
+            return
+        name = self.chosen_method()
+        if name != "region_effects":
+            self.cost_label.setText(f"Time: no estimate for {self.method_choice.currentText()} (the estimate is of "
+                                    "causal region effects).")
+            return
+        try:
+            job = self.make_job()
+            job.check()
+        except USER_ERRORS as error:
+            self.cost_label.setText(f"Time: estimated once the run is possible. {user_message(error)}")
+            return
+        worker = create_worker(cost_in_worker, job, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda text: self.cost_label.setText(f"Time: {text}."))
+        worker.errored.connect(lambda error: self.cost_label.setText(f"Time: no estimate. {user_message(error)}"))
+        worker.finished.connect(self._on_cost_finished)
+        self._cost_worker = worker
+        self.cost_label.setText("Time: estimating…")
+        worker.start()
+
+    def _on_cost_finished(self) -> None:
+        self._cost_worker = None
+        if self._cost_stale:
+            self._cost_stale = False
+            self.estimate_cost()
+
     # ------------------------------------------------------------------ reactions
+    def _on_method_changed(self, label: str) -> None:
+        """Region effects use the intervention and the mode; occlusion and region effects the block size."""
+        name = self.method_names[label]
+        self.intervention.setEnabled(name == "region_effects")
+        self.mode.setEnabled(name == "region_effects")
+        self.block_size.setEnabled(name in ("region_effects", "occlusion"))
+
     def _on_region_kind_changed(self, kind: str) -> None:
         self.labels_box.setVisible(kind == "labels")
         self.shapes_box.setVisible(kind != "labels")
@@ -388,7 +526,17 @@ class RegionEffectsWidget(DockWidget):
             },
         )
 
-    def _region(self, image) -> tuple[np.ndarray, str]:
+    def _explains_classifier(self) -> bool:
+        """Whether the chosen model is known (before loading) to be a classifier, which needs no target region."""
+        try:
+            return model_kind(self.chosen_model()) == CLASSIFIER
+        except ValueError:  # no model file chosen yet
+            return False
+
+    def _region(self, image) -> tuple[np.ndarray | None, str]:
+        if self._explains_classifier() and (self.region_labels.layer() if self.region_kind.currentText() == "labels"
+                                            else self.region_shapes.layer()) is None:
+            return None, ""  # a classifier's output is global: every block is explained for its class
         if self.region_kind.currentText() == "labels":
             labels = self.region_labels.layer()
             if labels is None:
@@ -413,20 +561,26 @@ class RegionEffectsWidget(DockWidget):
         """Start a run in a background worker (refused while one is going).
 
         Without a region yet (the default), the 'target region' layer is created
-        in paint mode and nothing runs: paint it, then press Run again.
+        in paint mode and nothing runs: paint it, then press Run again. The chosen
+        :attr:`method_choice` says what runs: region effects (the job's generator) or a
+        baseline (:func:`attribute_in_worker`); either map comes in as layers of one
+        colour convention.
         """
         painting = self.region_kind.currentText() == "labels" and self.region_labels.layer() is None
-        if painting and self.worker is None and self.image_choice.layer() is not None:
+        if painting and self.worker is None and self.image_choice.layer() is not None and not self._explains_classifier():
             self.brush_region()
             self.prompt_to_paint()
             return
-        options = {"show_standard_error": self.show_se.isChecked(), "show_prediction": self.show_prediction.isChecked()}
-        self.start_run(
-            self._checked_job,
-            partial(explanation_layer_data, **options),
-            self.figure_step(),
-            loading_text="loading the model…",
-        )
+        self.cost_timer.stop()
+        name = self.chosen_method()
+        options = {"show_prediction": self.show_prediction.isChecked()}
+        if name == "region_effects":
+            options["show_standard_error"] = self.show_se.isChecked()
+            self.start_run(self._checked_job, partial(result_layers, **options), self.figure_step(),
+                           loading_text="loading the model…")
+            return
+        self.start_task(self._checked_job, attribute_in_worker, name, partial(result_layers, **options),
+                        self.figure_step(), loading_text="loading the model…")
 
     def compare(self) -> None:
         """Run the ticked methods on this image and region in a worker (refused while a run is going)."""
@@ -435,7 +589,7 @@ class RegionEffectsWidget(DockWidget):
             show_error("Tick at least one method under 'Compare methods': nothing to compare.")
             return
         painting = self.region_kind.currentText() == "labels" and self.region_labels.layer() is None
-        if painting and self.worker is None and self.image_choice.layer() is not None:
+        if painting and self.worker is None and self.image_choice.layer() is not None and not self._explains_classifier():
             self.brush_region()
             self.prompt_to_paint()
             return
@@ -483,6 +637,9 @@ class RegionEffectsWidget(DockWidget):
 
     @staticmethod
     def render_figure(explanation, width_px: int, scale: float, theme: dict):
+        """The region-effects plots; None for a baseline's map (its summary says what it shows)."""
+        if not isinstance(explanation, RegionExplanation):
+            return None
         return render_plots(explanation, width_px=width_px, scale=scale, theme=theme)
 
     def previous_results(self, image_name: str) -> list[Layer]:
@@ -498,7 +655,7 @@ class RegionEffectsWidget(DockWidget):
 
         The layers and the plots come in one per event-loop turn (see ``add_result_layers``).
         """
-        explanation, layer_data, figure = result
+        explanation, layers, figure = result
         self.result_pending = True
         self.result = explanation  # before the layers go in: they carry it (see _on_layer_inserted)
         if self.job is not None and self.keep_image.isChecked():
@@ -509,7 +666,7 @@ class RegionEffectsWidget(DockWidget):
         for layer in previous if not replace else ():
             layer.visible = False
         self.add_result_layers(
-            layer_data,
+            layers,
             before=[partial(self.viewer.layers.remove, layer) for layer in previous if replace],
             then=partial(self.present, explanation, self.summary_text(explanation), figure),
         )
@@ -517,19 +674,40 @@ class RegionEffectsWidget(DockWidget):
     def present(self, result, summary: str, figure) -> None:
         """Show the result (see the base class); a 3D result offers the 3D view."""
         super().present(result, summary, figure)
-        self.view_3d_button.setVisible(result.target_region.ndim == 3)
+        self.view_3d_button.setVisible(isinstance(result, RegionExplanation) and result.target_region.ndim == 3)
+        add_heatmap_mask(self.viewer, result)  # a classifier's map as a segmentation of the reference, scored
+
+    @staticmethod
+    def classifier_target(explanation) -> str:
+        """What a run without a target layer explained: a classifier's class on the whole image, else "the region"."""
+        return "the whole image (a classifier)" if explanation.model_identity.get("kind") == CLASSIFIER else "the region"
 
     def summary_text(self, explanation) -> str:
-        """The Results tab's summary of a region explanation (with the colour bar's unit)."""
+        """The Results tab's summary of a region explanation or a baseline's map (with the colour bar's unit)."""
+        if isinstance(explanation, AttributionMap):
+            return self.attribution_summary(explanation)
         counts = explanation.counts()
         kind = explanation.parameters.get("outcome", {}).get("kind", "outcome")
         return (
             f"<b>{explanation.model_identity.get('name', 'model')}</b> on "
-            f"{explanation.provenance.get('target_layer') or 'the region'}: "
+            f"{explanation.provenance.get('target_layer') or self.classifier_target(explanation)}: "
             f"{kind} without intervention "
             f"{explanation.base_outcome:.1f}. Blocks: {counts['negative']} negative (supported it), "
             f"{counts['positive']} positive (hurt it), {counts['zero']} zero. "
             f"{explanation.forward_passes} forward passes on {explanation.parameters.get('device', '?')}, "
             f"{explanation.timings.get('total_s', 0):.1f} s. Colour bar: the effect in "
             f"{OUTCOME_UNITS.get(kind, 'outcome units')} (red: the block supported the outcome)."
+        )
+
+    @staticmethod
+    def attribution_summary(explanation: AttributionMap) -> str:
+        """The Results tab's summary of a baseline's map: what it explains, its cost and its colours."""
+        label = METHOD_CHOICES.get(explanation.method, (explanation.method, ""))[0]
+        units = f" ({explanation.units})" if explanation.units else ""
+        return (
+            f"<b>{label}</b> of <b>{explanation.model_identity.get('name', 'model')}</b> on "
+            f"{explanation.provenance.get('target_layer') or 'the region'}: region score without intervention "
+            f"{explanation.base_score:.3g}. {explanation.forward_passes} forward passes, "
+            f"{explanation.timings.get('total_s', 0):.1f} s. Colour bar: the method's own values{units}; "
+            "red: supported the region, blue: hurt it (the same convention as the ATE map)."
         )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
 
 from napari_pdcr.engine.estimator import NodeSet, halved_batch_size
+from napari_pdcr.engine.incremental import IncrementalForward
+from napari_pdcr.engine.intervals import outcome_bounds
 from napari_pdcr.engine.scoring import region_scoring
 from napari_pdcr.interventions.base import Intervention
 from napari_pdcr.models.base import SegmentationModel
@@ -36,6 +39,16 @@ class InputBlocks(NodeSet):
         Spatial slices of the part of the image the model is run on (an exact crop
         found by :mod:`napari_pdcr.engine.reach`); ``None``: the whole image. Every
         intervened block and the target region must lie inside it.
+    member_regions
+        Several target regions on the same batches: bool ``S`` masks, one per outcome
+        (``outcome`` a sequence of the same length), each inside ``target_region`` (their
+        union); outcome ``j`` is measured on region ``j``. ``None``: every outcome on
+        ``target_region``.
+    incremental
+        Run intervened batches by incremental inference
+        (:class:`~napari_pdcr.engine.incremental.IncrementalForward`: only what a block
+        can change inside the region's bounding box is recomputed; exact). A model it does
+        not support runs full inference; :attr:`incremental_status` says which ran and why.
     """
 
     def __init__(
@@ -49,20 +62,36 @@ class InputBlocks(NodeSet):
         reference: np.ndarray | None = None,
         window: tuple[slice, ...] | None = None,
         precision: str = "float32",
+        member_regions: Sequence[np.ndarray] | None = None,
+        incremental: bool = False,
     ):
         self.model, self.image, self.grid = model, image, grid
         self.outcome, self.intervention = outcome, intervention
         self.deterministic = intervention.deterministic
+        self.outcome_bounds = outcome_bounds(outcome) if isinstance(outcome, Outcome) else [outcome_bounds(o) for o in outcome]
         self.window = window or tuple(slice(0, n) for n in grid.spatial_shape)
         self.offset = np.array([w.start for w in self.window])
         self.crop = image[(slice(None), *self.window)].contiguous()
         region_in_window = target_region[self.window]
         if region_in_window.sum() != target_region.sum():
             raise ValueError("the model window must contain the whole target region")
-        self.scoring = region_scoring(model, np.flatnonzero(region_in_window), outcome, precision)
+        positions = None if member_regions is None else [
+            np.flatnonzero(member[self.window][region_in_window]) for member in member_regions
+        ]
+        self.scoring = region_scoring(model, np.flatnonzero(region_in_window), outcome, precision, positions)
         self.item_bytes = self.crop.numel() * self.crop.element_size()
         intervention.prepare(image)
         self.scoring.set_base(self._unperturbed_region_scores(target_region), self.scoring.region_reference(reference, self.window))
+        self.incremental = None
+        if incremental and precision == "float32":
+            bounds = np.argwhere(region_in_window)
+            needed = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(bounds.min(0), bounds.max(0), strict=True))
+            self.incremental = IncrementalForward(model, self.crop, needed)
+
+    @property
+    def incremental_status(self) -> str:
+        """``"on"``, ``"off: <why>; full inference is used"``, or ``"not requested"``."""
+        return "not requested" if self.incremental is None else self.incremental.status
 
     @property
     def region_index(self) -> torch.Tensor:
@@ -94,12 +123,23 @@ class InputBlocks(NodeSet):
         original = self.image[(slice(None), *where)]
         return self.intervention.sample(original, n_draws, rng, where)
 
+    def strata(self, node: int, min_weight: float, max_fixed: int):
+        return self.intervention.strata(self.image[(slice(None), *self.grid.slices(node))], min_weight, max_fixed)
+
     def local_slices(self, node: int) -> tuple[slice, ...]:
         """Slices of block ``node`` inside the window."""
         return tuple(slice(s.start - o, s.stop - o) for s, o in zip(self.grid.slices(node), self.offset, strict=True))
 
+    #: bool ``(n_nodes, J)``: the nodes each outcome's own run would draw for (None: all);
+    #: elsewhere the outcome is reported unchanged, so no other target's block passes its screen
+    needed: np.ndarray | None = None
+
     def outcomes(self, nodes: Sequence[int], replacements: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.grouped_outcomes([(n,) for n in nodes], [(r,) for r in replacements])
+        values = self.grouped_outcomes([(n,) for n in nodes], [(r,) for r in replacements])
+        if self.needed is None:
+            return values
+        needed = torch.from_numpy(self.needed[np.asarray(nodes, dtype=np.int64)]).to(values.device)
+        return torch.where(needed, values, torch.as_tensor(self.scoring.base, dtype=values.dtype, device=values.device))
 
     def grouped_outcomes(
         self, node_groups: Sequence[Sequence[int]], replacement_groups: Sequence[Sequence[torch.Tensor]]
@@ -109,7 +149,16 @@ class InputBlocks(NodeSet):
         for i, (group, reps) in enumerate(zip(node_groups, replacement_groups, strict=True)):
             for node, rep in zip(group, reps, strict=True):
                 batch[(i, slice(None), *self.local_slices(node))] = rep
-        return self.scoring(self.scoring.region_scores(batch))
+        forward = None
+        if self.incremental is not None and self.incremental.supported:
+            changed = [self._bounding_slices(group) for group in node_groups]
+            forward = partial(self.incremental.forward, changed=changed)
+        return self.scoring(self.scoring.region_scores(batch, forward))
+
+    def _bounding_slices(self, group: Sequence[int]) -> tuple[slice, ...]:
+        """Slices (in the window) of the bounding box of the blocks of ``group``."""
+        per_block = [self.local_slices(int(node)) for node in group]
+        return tuple(slice(min(s.start for s in axis), max(s.stop for s in axis)) for axis in zip(*per_block, strict=True))
 
 
 class BlockGroups(NodeSet):

@@ -19,7 +19,7 @@ image is used.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 
 import numpy as np
 import torch
@@ -56,20 +56,52 @@ def iter_reachable_blocks(
     after every batch (so a run can report progress and be cancelled here) and returns
     the mask and the number of forward passes used.
     """
-    region_index = torch.from_numpy(np.flatnonzero(target_region))
+    reach, passes = yield from iter_reachable_blocks_of_regions(
+        model, image, grid, [target_region], [candidates], group_levels, batch_size
+    )
+    return reach[0], passes
+
+
+def iter_reachable_blocks_of_regions(
+    model: SegmentationModel,
+    image: torch.Tensor,
+    grid: BlockGrid,
+    target_regions: Sequence[np.ndarray],
+    candidates: Sequence[np.ndarray],
+    group_levels: tuple[int, ...] = (4, 2),
+    batch_size: int = 8,
+) -> Generator[tuple[int, int, int], None, tuple[list[np.ndarray], int]]:
+    """:func:`iter_reachable_blocks` for several regions (bool ``S`` each, with their own
+    candidate blocks, bool ``grid.shape``) on the same forward passes.
+
+    Region ``j``'s groups are exactly those of a run for region ``j`` alone, so its mask
+    is the same; a group that several regions test (most groups, away from the regions)
+    is run once and read in every region. Returns one mask per region and the passes.
+    """
+    union = np.logical_or.reduce([np.asarray(r, bool) for r in target_regions])
+    region_index = torch.from_numpy(np.flatnonzero(union))
+    positions = [torch.from_numpy(np.flatnonzero(np.asarray(r, bool)[union])) for r in target_regions]
     coords = np.stack(np.unravel_index(np.arange(grid.n_blocks), grid.shape), axis=1)
-    reach = candidates.ravel().copy()
-    open_groups = [np.flatnonzero(reach)]  # one group: everything; refined level by level
+    reach = [np.asarray(c, bool).ravel().copy() for c in candidates]
+    open_groups = [[np.flatnonzero(r)] for r in reach]  # per region one group: everything; refined level by level
     passes = 0
     for level in group_levels:
-        groups = []
-        for members in open_groups:
-            keys = coords[members] // level
-            _, inverse = np.unique(keys, axis=0, return_inverse=True)
-            groups += [members[inverse.ravel() == g] for g in range(inverse.max() + 1)]
+        groups_of_region, distinct = [], {}  # distinct: members -> index of the group's probe
+        for region_open in open_groups:
+            groups = []
+            for members in region_open:
+                if len(members) == 0:
+                    continue
+                keys = coords[members] // level
+                _, inverse = np.unique(keys, axis=0, return_inverse=True)
+                groups += [members[inverse.ravel() == g] for g in range(inverse.max() + 1)]
+            groups_of_region.append(groups)
+            for members in groups:
+                distinct.setdefault(members.tobytes(), members)
+        probes = list(distinct.values())
         hits, start = [], 0
-        while start < len(groups):
-            chunk = groups[start : start + batch_size]
+        while start < len(probes):
+            chunk = probes[start : start + batch_size]
             batch = image.expand(len(chunk), *image.shape).clone()
             for i, members in enumerate(chunk):
                 for b in members:
@@ -81,14 +113,18 @@ def iter_reachable_blocks(
                 batch_size = halved_batch_size(error, batch_size)  # back off, as BatchRunner does
                 continue
             passes += len(chunk)
-            hits += torch.isnan(scores).flatten(1).any(dim=1).tolist()
+            nan = torch.isnan(scores).any(dim=1).cpu()  # (n, M)
+            hits += [[bool(row[p].any()) for p in positions] for row in nan]
             start += len(chunk)
-            yield start, len(groups), passes
-        for members, hit in zip(groups, hits, strict=True):
-            if not hit:
-                reach[members] = False
-        open_groups = [m for m, h in zip(groups, hits, strict=True) if h]
-    return reach.reshape(grid.shape), passes
+            yield start, len(probes), passes
+        hit_of = {key: row for key, row in zip(distinct, hits, strict=True)}
+        for j, groups in enumerate(groups_of_region):
+            region_hits = [hit_of[members.tobytes()][j] for members in groups]
+            for members, hit in zip(groups, region_hits, strict=True):
+                if not hit:
+                    reach[j][members] = False
+            open_groups[j] = [m for m, h in zip(groups, region_hits, strict=True) if h]
+    return [r.reshape(grid.shape) for r in reach], passes
 
 
 def verify_unreachable(

@@ -17,17 +17,19 @@ import torch
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.outcomes import Outcome
 
-#: ``precision`` values: ``None`` is float32; the others autocast on CUDA.
+#: ``precision`` values: ``None`` is float32; the others autocast on CUDA, and bfloat16 also
+#: on the CPU (opt-in: it changes the scores; docs/benchmarks.md measures speed and fidelity).
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def precision_context(device: torch.device, precision: str):
-    """Autocast context for reduced precision on CUDA; float32 elsewhere."""
+    """Autocast context for reduced precision on CUDA (and bfloat16 on the CPU); float32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if PRECISIONS[precision] is None or device.type != "cuda":
+    dtype = PRECISIONS[precision]
+    if dtype is None or not (device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)):
         return nullcontext()
-    return torch.autocast("cuda", dtype=PRECISIONS[precision])
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def check_finite(model: SegmentationModel, scores: torch.Tensor) -> torch.Tensor:
@@ -106,19 +108,40 @@ class RegionScoring:
 
 
 class SharedRegionScoring(RegionScoring):
-    """Several outcomes of the same region scores: one forward batch, outcomes ``(N, J)``.
+    """Several outcomes of the same forward batch: outcomes ``(N, J)``.
 
-    A temperature sweep measures one outcome at ``J`` temperatures on the same draws.
+    A temperature sweep measures one outcome at ``J`` temperatures on the same draws;
+    several target regions (``member_positions``) measure each outcome ``j`` on its own
+    region's voxels. ``region_index`` is then the union of the regions, in flat order,
+    and ``member_positions[j]`` the positions ``(M_j,)`` of region ``j``'s voxels in it.
     ``base`` is ``(J,)``; every outcome must explain the same channel.
     """
 
-    def __init__(self, model: SegmentationModel, region_index: np.ndarray, outcomes: Sequence[Outcome], precision: str = "float32"):
+    def __init__(self, model: SegmentationModel, region_index: np.ndarray, outcomes: Sequence[Outcome],
+                 precision: str = "float32", member_positions: Sequence[np.ndarray] | None = None):
         super().__init__(model, region_index, outcomes[0], precision)
-        self.members = [RegionScoring(model, region_index, outcome, precision) for outcome in outcomes]
+        if member_positions is None:
+            member_positions = [np.arange(len(self.region_index))] * len(outcomes)
+        if len(member_positions) != len(outcomes):
+            raise ValueError(f"give one region per outcome; got {len(member_positions)} regions for {len(outcomes)} outcomes")
+        self.positions = [torch.from_numpy(np.asarray(p, dtype=np.int64)) for p in member_positions]
+        self.members = [
+            RegionScoring(model, self.region_index.numpy()[p.numpy()], outcome, precision)
+            for outcome, p in zip(outcomes, self.positions, strict=True)
+        ]
 
     def set_base(self, base_scores: torch.Tensor, reference: np.ndarray | None = None) -> np.ndarray:
-        """Fix every outcome's channel and reference; return the base outcomes ``(J,)``."""
-        self.base = np.array([member.set_base(base_scores, reference) for member in self.members])
+        """Fix every outcome's channel and reference; return the base outcomes ``(J,)``.
+
+        ``reference``: bool ``(M,)`` in the order of :attr:`region_index` (None: the model's prediction).
+        """
+        self.base = np.array([
+            member.set_base(
+                base_scores[:, :, positions.to(base_scores.device)],
+                None if reference is None else np.asarray(reference)[positions.numpy()],
+            )
+            for member, positions in zip(self.members, self.positions, strict=True)
+        ])
         if len({member.channel for member in self.members}) > 1:
             raise ValueError("outcomes scored on the same draws must explain the same channel")
         self.channel, self.reference = self.members[0].channel, self.members[0].reference
@@ -126,11 +149,21 @@ class SharedRegionScoring(RegionScoring):
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         """Outcomes ``(N, J)`` float64 of region scores ``(N, K, M)``."""
-        return torch.stack([member(scores) for member in self.members], dim=1)
+        return torch.stack([
+            member(scores[:, :, positions.to(scores.device)])
+            for member, positions in zip(self.members, self.positions, strict=True)
+        ], dim=1)
 
 
-def region_scoring(model: SegmentationModel, region_index: np.ndarray, outcome: Outcome | Sequence[Outcome], precision: str = "float32") -> RegionScoring:
-    """A :class:`RegionScoring` for one outcome, a :class:`SharedRegionScoring` for a sequence."""
+def region_scoring(model: SegmentationModel, region_index: np.ndarray, outcome: Outcome | Sequence[Outcome],
+                   precision: str = "float32", member_positions: Sequence[np.ndarray] | None = None) -> RegionScoring:
+    """A :class:`RegionScoring` for one outcome, a :class:`SharedRegionScoring` for a sequence
+    (``member_positions``: each outcome's region inside ``region_index``, see there); for a
+    classifier their class-score twins (:mod:`napari_pdcr.engine.class_scoring`: no region)."""
+    if model.is_classifier:
+        from napari_pdcr.engine.class_scoring import class_scoring  # it builds on this module
+
+        return class_scoring(model, outcome, precision)
     if isinstance(outcome, Outcome):
         return RegionScoring(model, region_index, outcome, precision)
-    return SharedRegionScoring(model, region_index, list(outcome), precision)
+    return SharedRegionScoring(model, region_index, list(outcome), precision, member_positions)

@@ -47,8 +47,8 @@ class WindowedInputBlocks(InputBlocks):
     """
 
     def __init__(self, model: SegmentationModel, image: torch.Tensor, grid: BlockGrid, target_region: np.ndarray,
-                 outcome: Outcome, intervention: Intervention, reference: np.ndarray | None = None,
-                 precision: str = "float32"):
+                 outcome: Outcome | Sequence[Outcome], intervention: Intervention, reference: np.ndarray | None = None,
+                 precision: str = "float32", member_regions: Sequence[np.ndarray] | None = None):
         if model.sliding_window is None:
             raise ValueError(f"model {model.name!r} has no sliding_window: use InputBlocks")
         # The "window" of InputBlocks is the whole image, so the inherited helpers
@@ -57,7 +57,7 @@ class WindowedInputBlocks(InputBlocks):
         self.window_evaluations = 0
         self.window_batch_size: int | None = None  # no limit until an out-of-memory error
         self.log: list[str] = []
-        super().__init__(model, image, grid, target_region, outcome, intervention, reference, None, precision)
+        super().__init__(model, image, grid, target_region, outcome, intervention, reference, None, precision, member_regions)
         most = max(len(w) for w in self._block_windows)
         self.item_bytes = max(1, most) * image.shape[0] * int(np.prod(self.layout.roi_size)) * image.element_size()
 
@@ -119,12 +119,18 @@ class WindowedInputBlocks(InputBlocks):
         """Layout indices of the region windows that contain part of block ``node``."""
         return [self.region_windows[k] for k in self._block_windows[node]]
 
-    def reachable_blocks(self) -> np.ndarray:
-        """Bool ``grid.shape``: blocks inside at least one window that overlaps the region.
+    def reachable_blocks(self, member: int | None = None) -> np.ndarray:
+        """Bool ``grid.shape``: blocks inside at least one window that overlaps the region
+        (``member``: the region of outcome ``member`` of ``member_regions``).
 
         ``False`` is a proof that the block cannot change the region's scores.
         """
-        return np.array([len(w) > 0 for w in self._block_windows]).reshape(self.grid.shape)
+        if member is None:
+            return np.array([len(w) > 0 for w in self._block_windows]).reshape(self.grid.shape)
+        in_member = np.zeros(len(self.region_index), bool)
+        in_member[self.scoring.positions[member].numpy()] = True
+        overlaps = np.array([in_member[position.cpu().numpy()].any() for position in self._region_position])
+        return np.array([overlaps[w].any() for w in self._block_windows]).reshape(self.grid.shape)
 
     def summary(self) -> dict:
         """Window counts for provenance: per full pass, over the region, evaluated so far."""
@@ -187,9 +193,6 @@ class WindowedInputBlocks(InputBlocks):
                     contribution[i] = item[k]
             total[:, :, position] += contribution * weights
         return total / self._count
-
-    def outcomes(self, nodes: Sequence[int], replacements: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.grouped_outcomes([(n,) for n in nodes], [(r,) for r in replacements])
 
     def grouped_outcomes(
         self, node_groups: Sequence[Sequence[int]], replacement_groups: Sequence[Sequence[torch.Tensor]]

@@ -16,6 +16,8 @@ PUBLISHED_EDGES = (3.0, 1.0, 0.3)
 #: the per-block arrays and their dtypes
 GRID_ARRAYS = {"block_effects": np.float32, "block_standard_error": np.float32,
                "block_draws": np.int32, "block_status": np.int8}
+#: per-block uncertainty arrays (newer runs; absent from older stores, which load with None)
+INTERVAL_ARRAYS = {"block_lower": np.float32, "block_upper": np.float32, "block_few_draws": np.uint8}
 #: the masks (bool ``S``), stored as uint8; ``reference`` only when one was given
 MASKS = ("target_region", "prediction", "reference")
 _FIELD_RULES = {
@@ -46,6 +48,12 @@ class RegionExplanation(Explanation):
     reference: np.ndarray | None  #: the reference mask given by the user, bool ``S`` (None: the prediction)
     base_outcome: float  #: outcome of the unperturbed image
     spacing: tuple[float, ...] | None = None  #: voxel size (e.g. mm) for distances
+    #: lower / upper end of each block's 95 % interval of its effect (before the tau rule), float32;
+    #: heavy-tail-proof (a betting interval on the outcome's range); None in stores written before them
+    block_lower: np.ndarray | None = None
+    block_upper: np.ndarray | None = None
+    #: the block's estimate rests on few draws (fewer than 10 sampled, or carried by one or two), bool
+    block_few_draws: np.ndarray | None = None
     # forward_passes counts the images run for the estimate, the reach probe and coarse
     # screening (not the few overhead passes: base outcome, window check, full prediction)
 
@@ -77,8 +85,18 @@ class RegionExplanation(Explanation):
 
     @property
     def screened_out(self) -> np.ndarray:
-        """Bool ``grid.shape``: blocks set to 0 by the screen."""
+        """Bool ``grid.shape``: blocks set to 0 by the screen (after its few draws; not tested further)."""
         return self.block_status == NodeStatus.SCREENED_OUT
+
+    @property
+    def tested_zero(self) -> np.ndarray:
+        """Bool ``grid.shape``: blocks given the full estimate whose mean was below tau (reported 0)."""
+        return self.block_status == NodeStatus.BELOW_TAU
+
+    @property
+    def has_intervals(self) -> bool:
+        """Whether the run recorded per-block intervals (stores written before them did not)."""
+        return self.block_lower is not None and self.block_upper is not None
 
     # ---------------------------------------------------------------- summaries
     def _explained(self) -> np.ndarray:
@@ -161,6 +179,7 @@ class RegionExplanation(Explanation):
             "histogram_counts": [int(c) for c in counts],
             "n_blocks": int(self.block_effects.size),
             "status_counts": {s.name.lower(): int((self.block_status == s).sum()) for s in NodeStatus},
+            "few_draws": None if self.block_few_draws is None else int(np.count_nonzero(self.block_few_draws)),
             "forward_passes": self.forward_passes,
             "timings": self.timings,
         }
@@ -169,6 +188,8 @@ class RegionExplanation(Explanation):
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {name: np.asarray(getattr(self, name), dtype) for name, dtype in GRID_ARRAYS.items()}
         arrays.update({name: np.asarray(getattr(self, name), np.uint8) for name in MASKS if getattr(self, name) is not None})
+        arrays.update({name: np.asarray(getattr(self, name), dtype) for name, dtype in INTERVAL_ARRAYS.items()
+                       if getattr(self, name) is not None})
         return arrays
 
     def meta(self) -> dict:
@@ -183,6 +204,9 @@ class RegionExplanation(Explanation):
         return cls(
             **{name: arrays[name] for name in GRID_ARRAYS},
             **{name: arrays[name].astype(bool) if name in arrays else None for name in MASKS},
+            block_lower=arrays.get("block_lower"),
+            block_upper=arrays.get("block_upper"),
+            block_few_draws=arrays["block_few_draws"].astype(bool) if "block_few_draws" in arrays else None,
             block_shape=tuple(meta["block_shape"]),
             base_outcome=float(meta["base_outcome"]),
             spacing=tuple(meta["spacing"]) if meta["spacing"] is not None else None,
@@ -192,7 +216,8 @@ class RegionExplanation(Explanation):
     @classmethod
     def check_store(cls, path, arrays, meta) -> None:
         """Arrays present with their dtypes; masks, ``block_shape`` and grid arrays agree."""
-        require_arrays(path, arrays, {**GRID_ARRAYS, **dict.fromkeys(MASKS, np.uint8)}, optional=("reference",))
+        require_arrays(path, arrays, {**GRID_ARRAYS, **dict.fromkeys(MASKS, np.uint8), **INTERVAL_ARRAYS},
+                       optional=("reference", *INTERVAL_ARRAYS))
         require_fields(path, meta, _FIELD_RULES)
         spatial = arrays["target_region"].shape
         for name in ("prediction", "reference"):
@@ -204,7 +229,7 @@ class RegionExplanation(Explanation):
                 raise damaged(path, f"the field '{name}' {value} has {len(value)} axes, but the masks {spatial} have "
                                     f"{len(spatial)}")
         grid = BlockGrid.create(spatial, block_shape).shape
-        for name in GRID_ARRAYS:
+        for name in (*GRID_ARRAYS, *(a for a in INTERVAL_ARRAYS if a in arrays)):
             if arrays[name].shape != grid:
                 raise damaged(path, f"array '{name}' has shape {arrays[name].shape}, but block_shape {block_shape} "
                                     f"on masks of shape {spatial} makes a {grid} grid")

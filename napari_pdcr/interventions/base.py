@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@dataclass
+class Strata:
+    """An intervention's distribution split into heavy members, evaluated once each, and the rest, sampled.
+
+    ``ATE = sum_h weights[h] * change(fixed[h]) + rest_weight * E[change(rest draw)]`` is the
+    same effect as plain sampling (a stratified estimate): the heavy part is exact.
+    """
+
+    fixed: torch.Tensor  #: ``(H, C, *b)`` replacements, each evaluated once
+    weights: np.ndarray  #: ``(H,)`` float64 probabilities of ``fixed`` under the intervention
+    sample_rest: Callable[[int, np.random.Generator], torch.Tensor]  #: ``(n, rng) -> (n, C, *b)`` from the rest
+
+    @property
+    def rest_weight(self) -> float:
+        """Probability of the sampled remainder (0: the whole distribution is evaluated exactly)."""
+        return max(0.0, 1.0 - float(self.weights.sum()))
 
 
 class Intervention(ABC):
@@ -37,6 +57,13 @@ class Intervention(ABC):
         ``location`` is the block's spatial slices in the image; ``rng`` is seeded per
         block and stage by the engine, so draws are reproducible whatever the batching.
         """
+
+    def strata(self, original: torch.Tensor, min_weight: float, max_fixed: int) -> Strata | None:
+        """Members of probability at least ``min_weight`` (at most ``max_fixed``) and a sampler of the rest.
+
+        None (the default) where the intervention has no such members; see :class:`Strata`.
+        """
+        return None
 
     def describe(self) -> dict:
         """Parameters for provenance (JSON-serialisable)."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from napari_pdcr.interventions.base import Intervention
+from napari_pdcr.interventions.base import Intervention, Strata
 from napari_pdcr.validation import non_negative_int, positive_int
 
 
@@ -64,6 +64,7 @@ class PatchBank(Intervention):
         if any(not torch.isfinite(s).all() for s in self.sources):
             raise ValueError("a patch-bank source contains NaN or infinite values")
         self._banks: dict[tuple[int, ...], torch.Tensor] = {}
+        self._unique: dict[tuple[int, ...], tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
 
     @property
     def spatial_dims(self) -> int:
@@ -110,6 +111,36 @@ class PatchBank(Intervention):
     def sample(self, original, n_draws, rng, location):
         crops = self.bank(tuple(original.shape[1:]))
         return crops[torch.from_numpy(rng.integers(len(crops), size=n_draws))].to(original.dtype)
+
+    def unique_members(self, block_shape: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The bank's distinct crops: ``(patches (U, C, *b), counts (U,), member_patch (size,))``.
+
+        Identical crops (e.g. all-zero background) collapse into one patch; ``counts`` are
+        how many bank members each stands for, ``member_patch[i]`` is member ``i``'s patch.
+        """
+        block_shape = tuple(int(b) for b in block_shape)
+        if block_shape not in self._unique:
+            crops = self.bank(block_shape)
+            patches, inverse, counts = torch.unique(crops.flatten(1), dim=0, return_inverse=True, return_counts=True)
+            self._unique[block_shape] = (patches.reshape(-1, *crops.shape[1:]), counts.numpy(), inverse.numpy())
+        return self._unique[block_shape]
+
+    def strata(self, original, min_weight, max_fixed):
+        """The distinct crops with a share of the bank of at least ``min_weight`` (the ``max_fixed`` largest)
+        and a uniform sampler of the other members; None when no crop is that frequent."""
+        patches, counts, member_patch = self.unique_members(tuple(original.shape[1:]))
+        weights = counts / self.size
+        heavy = np.flatnonzero(weights >= min_weight)
+        heavy = heavy[np.argsort(-weights[heavy], kind="stable")][:max_fixed]
+        if len(heavy) == 0:
+            return None
+        crops = self.bank(tuple(original.shape[1:]))
+        rest = torch.from_numpy(np.flatnonzero(~np.isin(member_patch, heavy)))
+
+        def sample_rest(n_draws: int, rng: np.random.Generator) -> torch.Tensor:
+            return crops[rest[torch.from_numpy(rng.integers(len(rest), size=n_draws))]].to(original.dtype)
+
+        return Strata(patches[torch.from_numpy(heavy)].to(original.dtype), weights[heavy], sample_rest)
 
     def describe(self):
         return {

@@ -9,6 +9,8 @@ from napari_pdcr.methods.base import Method
 from napari_pdcr.methods.component_effects import ComponentEffects
 from napari_pdcr.methods.gradient_x_input import GradientXInput
 from napari_pdcr.methods.integrated_gradients import IntegratedGradients
+from napari_pdcr.methods.lrp import Lrp
+from napari_pdcr.methods.misure import MiSuRe
 from napari_pdcr.methods.occlusion import Occlusion
 from napari_pdcr.methods.region_effects import RegionEffects, explain_region
 from napari_pdcr.methods.region_score import RegionScore
@@ -16,6 +18,6 @@ from napari_pdcr.methods.rise import Rise
 from napari_pdcr.methods.seg_grad_cam import SegGradCam
 
 __all__ = [
-    "AttributionMethod", "ComponentEffects", "GradientXInput", "IntegratedGradients", "Method", "Occlusion",
+    "AttributionMethod", "ComponentEffects", "GradientXInput", "IntegratedGradients", "Lrp", "Method", "MiSuRe", "Occlusion",
     "RegionEffects", "RegionScore", "Rise", "SegGradCam", "explain_region",
 ]

@@ -36,7 +36,7 @@ class AttributionMethod(Method):
 
     #: which sign of the map supports the region
     sign: ClassVar[str] = POSITIVE_SUPPORTS
-    #: what a value of the map means
+    #: what a value of the map means (for a classifier: of the chosen class's logit)
     units: ClassVar[str] = "region logit sum"
 
     def __init__(self, model: SegmentationModel, outcome: Outcome | str = "dice", **options):
@@ -51,24 +51,24 @@ class AttributionMethod(Method):
         ``x`` the ``(C, *S)`` image in model input space on that device.
         """
 
-    def iter_attribute(self, image, target_region, reference=None) -> Generator[Progress, None, AttributionMap]:
-        """The map as a generator of progress; ``image``, ``target_region``, ``reference``:
-        see :meth:`Method.check_inputs`."""
+    def iter_attribute(self, image, target_region=None, reference=None) -> Generator[Progress, None, AttributionMap]:
+        """The map as a generator of progress; ``image``, ``target_region`` (optional for a
+        classifier), ``reference``: see :meth:`Method.check_inputs`."""
         t_start = time.perf_counter()
         x, region, ref = self.check_inputs(image, target_region, reference)
         model, x = self.to_device(x)
         score = RegionScore(model, region, self.outcome).to(x.device)
         with torch.inference_mode():
             scores = score.scores(x[None])
-            base_score = float(scores[:, score.channel][:, score.region].sum())
-            prediction = self.outcome.predicted_mask(scores.flatten(2), model.activation, score.channel)[0]
+            base_score = float(score.reduce(scores)[0])
+            prediction = score.prediction(scores)
         attribution, passes = yield from self.iter_map(score, x)
         if not np.isfinite(attribution).all():
             raise FloatingPointError(f"{self.name} gave NaN or infinite values: the model's gradients are not finite")
         return AttributionMap(
             attribution=np.asarray(attribution, np.float32),
             target_region=region,
-            prediction=prediction.reshape(region.shape).cpu().numpy(),
+            prediction=prediction,
             reference=ref,
             method=self.name,
             sign=self.sign,

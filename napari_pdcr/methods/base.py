@@ -131,16 +131,26 @@ class Method(ABC):
 
         ``image``: ``(C, H, W)`` or ``(C, D, H, W)`` raw intensities (the model's
         preprocessing is applied). ``target_region``: bool mask of the image's spatial
-        shape ``S``, where the outcome is measured. ``reference``: optional binary mask
-        (ground truth) of shape ``S`` for Dice outcomes; ``None`` uses the model's own
-        unperturbed prediction.
+        shape ``S``, where the outcome is measured; optional for a classifier, whose
+        output is global (given, it is only shown with the result; None: an empty mask).
+        ``reference``: optional binary mask (ground truth) of shape ``S``, for Dice
+        outcomes (``None`` uses the model's own unperturbed prediction); for a
+        classifier, the mask its heatmaps are scored against.
 
         Returns ``(x, region, reference)``: ``x`` the ``(C, *S)`` float32 tensor in model
         input space (on the CPU), ``region`` bool ``S``, ``reference`` bool ``S`` or None.
         """
         x = self.model.prepare_image(image)
         spatial = tuple(x.shape[1:])
-        region = validate_region(target_region, spatial, "target region")
+        if target_region is None and not self.model.is_classifier:
+            raise ValueError(
+                f"model {self.model.name!r} segments, so its outcome is measured in a target region: "
+                f"give target_region, a mask of the image's spatial shape {spatial}"
+            )
+        if target_region is None:
+            region = np.zeros(spatial, dtype=bool)
+        else:
+            region = validate_region(target_region, spatial, "target region", allow_empty=self.model.is_classifier)
         ref = None if reference is None else validate_reference(reference, spatial)
         return x, region, ref
 

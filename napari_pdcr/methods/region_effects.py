@@ -17,13 +17,14 @@ worker, and stopping the generator cancels the run with nothing half-made.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from napari_pdcr.engine.blocks import BlockGroups, InputBlocks
+from napari_pdcr.engine.class_scoring import class_prediction
 from napari_pdcr.engine.estimator import (
     SHARED_DRAWS_NOT_ADAPTIVE,
     BatchRunner,
@@ -35,11 +36,12 @@ from napari_pdcr.engine.estimator import (
 )
 from napari_pdcr.engine.reach import (
     aligned_window,
-    iter_reachable_blocks,
+    iter_reachable_blocks_of_regions,
     verify_unreachable,
     window_is_exact,
 )
 from napari_pdcr.engine.scoring import PRECISIONS
+from napari_pdcr.engine.throughput import fastest_batch_size
 from napari_pdcr.engine.windowed import WindowedInputBlocks
 from napari_pdcr.explanations.region import RegionExplanation
 from napari_pdcr.interventions import Intervention, make_intervention
@@ -49,6 +51,7 @@ from napari_pdcr.outcomes import Outcome, outcome_for
 from napari_pdcr.regions import (
     BlockGrid,
     block_shape_for,
+    validate_region,
     voxel_spacing,
 )
 from napari_pdcr.validation import shown
@@ -56,13 +59,60 @@ from napari_pdcr.validation import shown
 #: Presets of the ``mode`` argument: which accelerations are on.
 MODES = {
     # the published estimator, no acceleration but batching (the reference implementation)
-    "published": dict(skip_unreachable=False, crop_to_reach=False, adaptive=False, coarse_factor=1),
-    # the same estimand, with the exact accelerations
-    "exact": dict(skip_unreachable=True, crop_to_reach=True, adaptive=False, coarse_factor=1),
+    "published": dict(skip_unreachable=False, crop_to_reach=False, adaptive=False, coarse_factor=1, stratify=False,
+                      sequential=False),
+    # the same estimand, with the exact accelerations (and a patch bank's repeated crops evaluated once)
+    "exact": dict(skip_unreachable=True, crop_to_reach=True, adaptive=False, coarse_factor=1, stratify=True,
+                  sequential=False),
     # exact accelerations + adaptive numbers of draws + coarse-to-fine screening
     # (approximate, opt-in)
-    "fast": dict(skip_unreachable=True, crop_to_reach=True, adaptive=True, coarse_factor=2),
+    "fast": dict(skip_unreachable=True, crop_to_reach=True, adaptive=True, coarse_factor=2, stratify=True,
+                 sequential=False),
+    # exact accelerations + a sequential screen: draws go on while a block's interval crosses +-tau
+    # (docs/uncertainty.md)
+    "sequential": dict(skip_unreachable=True, crop_to_reach=True, adaptive=False, coarse_factor=1, stratify=True,
+                       sequential=True),
 }
+
+
+REGIONS_NOT_ADAPTIVE = (
+    "several regions share every draw, but adaptive or sequential draws (mode='fast' or 'sequential') would "
+    "stop at other draws in each: "
+    "use mode='exact', or one run per region"
+)
+
+
+def region_masks(regions, spatial_shape: tuple[int, ...]) -> dict:
+    """Target regions as ``{label or key: bool S mask}``, checked.
+
+    ``regions``: a label image of shape ``S`` (integers; every non-zero label is a
+    region; a bool mask is the one label 1) or a mapping ``key -> mask`` with ``str`` or
+    ``int`` keys (masks may overlap).
+    """
+    if isinstance(regions, Mapping):
+        if not regions:
+            raise ValueError("regions is an empty mapping: give at least one region mask")
+        for key in regions:
+            if not isinstance(key, str | int | np.integer):
+                raise TypeError(f"region keys must be str or int (they are saved with the results); got {shown(key)}")
+        return {
+            key if isinstance(key, str) else int(key): validate_region(mask, spatial_shape, f"region {key!r}")
+            for key, mask in regions.items()
+        }
+    labels = np.asarray(regions)
+    if labels.shape != tuple(spatial_shape):
+        raise ValueError(f"the label image has shape {labels.shape} but the image's spatial shape is {tuple(spatial_shape)}")
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+            raise ValueError("the label image must hold whole numbers (one label per region); round it or use a Labels layer")
+        labels = labels.astype(np.int64)
+    values = np.unique(labels)
+    values = values[values != 0]
+    if not len(values):
+        raise ValueError("the label image has no non-zero label: paint at least one region")
+    return {int(value): labels == value for value in values}
 
 
 @dataclass(frozen=True)
@@ -102,7 +152,9 @@ class RegionEffects(Method):
     Parameters
     ----------
     model
-        A :class:`~napari_pdcr.models.SegmentationModel`.
+        A :class:`~napari_pdcr.models.SegmentationModel`; for a classifier the target region
+        is optional and every block is explained for its class (no reach, window or
+        incremental acceleration: its output is global).
     intervention
         What replaces a block: an :class:`~napari_pdcr.interventions.Intervention` (e.g.
         a :class:`~napari_pdcr.interventions.PatchBank` of other images) or a name
@@ -121,8 +173,12 @@ class RegionEffects(Method):
         ``"exact"`` (default): the published estimand with exact accelerations (blocks
         that provably cannot reach the region are skipped; the model runs on the
         smallest verified window). ``"fast"``: also adaptive draws (approximate; stops a
-        block once its standard error is below ``se_target``). ``"published"``: no
-        accelerations besides batching.
+        block once its standard error is below ``se_target``). ``"sequential"``
+        (recommended, docs/uncertainty.md): the exact accelerations with a sequential
+        screen: a block's draws go on, in rounds of 10, while its 95 % interval still
+        crosses +-tau (or its standard error is above ``se_target``), up to ``n_estimate``. ``"published"``: no accelerations besides
+        batching. Outside ``"published"`` a patch bank's repeated crops (e.g. all-zero
+        background) are evaluated once each: the same ATE, stratified.
     seed
         Seed of every random draw; a run is reproducible on CPU whatever the batch size.
     device
@@ -131,7 +187,17 @@ class RegionEffects(Method):
         Images per forward pass; by default chosen from the memory budget. Halved
         automatically on out-of-memory.
     precision
-        ``"float32"``, or ``"bfloat16"`` / ``"float16"`` autocast on CUDA.
+        ``"float32"``, or ``"bfloat16"`` / ``"float16"`` autocast on CUDA; ``"bfloat16"``
+        also autocasts on the CPU (faster on some CPUs; changes the scores slightly).
+    batch_probe
+        Without ``batch_size``: time a few batch sizes up to the memory budget's on the
+        evaluated window and use the fastest (:mod:`napari_pdcr.engine.throughput`); the
+        probe's images count in ``forward_passes``. Changes the speed, not the numbers.
+    incremental
+        Exact incremental inference (:mod:`napari_pdcr.engine.incremental`): recompute
+        only what a block can change inside the region. ``None`` (default): on in
+        ``"exact"`` and ``"fast"``, off in ``"published"``; models it does not support run
+        full inference (``parameters["incremental"]`` says which ran).
     """
 
     def __init__(
@@ -150,6 +216,8 @@ class RegionEffects(Method):
         memory_budget_mb: float = 1024,
         precision: str = "float32",
         se_target: float = 0.1,
+        incremental: bool | None = None,
+        batch_probe: bool = False,
     ):
         super().__init__(model, seed=seed, device=device, batch_size=batch_size, memory_budget_mb=memory_budget_mb)
         if mode not in MODES:
@@ -159,12 +227,15 @@ class RegionEffects(Method):
         self.settings = EstimatorSettings(
             n_screen=n_screen, n_estimate=n_estimate, tau=tau, seed=self.seed,
             adaptive=MODES[mode]["adaptive"], se_target=se_target,
+            stratify=MODES[mode]["stratify"], sequential=MODES[mode]["sequential"],
         )
         block_shape_for(block_shape, model.spatial_dims)
         self.intervention = make_intervention(intervention) if isinstance(intervention, str) else intervention
         self.outcome = outcome_for(outcome, model)
         self.block_shape = block_shape
         self.mode, self.precision = mode, precision
+        self.batch_probe = bool(batch_probe)
+        self.incremental = mode != "published" if incremental is None else bool(incremental)
 
     name = "region_effects"
 
@@ -180,20 +251,34 @@ class RegionEffects(Method):
             "mode": self.mode,
             "adaptive": s.adaptive,
             "coarse_factor": MODES[self.mode]["coarse_factor"],
-            "se_target": s.se_target if s.adaptive else None,
+            "se_target": s.se_target if s.adaptive or s.sequential else None,
+            "stratify": s.stratify,
+            "sequential": s.sequential,
+            "interval": f"betting, {s.confidence:.0%}",
             "precision": self.precision,
+            "batch_probe": self.batch_probe,
         }
 
     def iter_attribute(
-        self, image, target_region, reference=None, spacing=None
-    ) -> Generator[Progress, None, RegionExplanation]:
+        self, image, target_region=None, reference=None, spacing=None, *, regions=None
+    ) -> Generator[Progress, None, RegionExplanation | dict]:
         """Region effects as a generator of progress.
 
         ``image``, ``target_region``, ``reference``: see :meth:`Method.check_inputs`.
 
         spacing
             Voxel size per axis (e.g. mm), used for distances in the summaries.
+        regions
+            Instead of ``target_region``: several target regions explained on the same
+            forward passes (:meth:`iter_attribute_regions`); the result is then a dict
+            ``label -> RegionExplanation``.
         """
+        if regions is not None:
+            if target_region is not None:
+                raise ValueError("give either target_region (one region) or regions (a label image), not both")
+            return (yield from self.iter_attribute_regions(image, regions, reference, spacing))
+        if target_region is None and not self.model.is_classifier:  # a classifier's output is global
+            raise ValueError("give the target region: a bool mask of the image's spatial shape (or regions=, a label image)")
         explanations = yield from self.iter_attribute_outcomes(image, target_region, [self.outcome], reference, spacing)
         return explanations[0]
 
@@ -210,12 +295,50 @@ class RegionEffects(Method):
         outcomes = [outcome_for(outcome, self.model) for outcome in outcomes]
         if not outcomes:
             raise ValueError("give at least one outcome to measure")
-        if len(outcomes) > 1 and self.settings.adaptive:
+        if len(outcomes) > 1 and (self.settings.adaptive or self.settings.sequential):
             raise ValueError(SHARED_DRAWS_NOT_ADAPTIVE)
-        scored = outcomes[0] if len(outcomes) == 1 else outcomes
         t_start = time.perf_counter()
         # every input is checked here, before the model moves or runs
         x, region, ref = self.check_inputs(image, target_region, reference)
+        return (yield from self._iter_targets(x, [region] * len(outcomes), outcomes, ref, spacing, t_start))
+
+    def iter_attribute_regions(
+        self, image, regions, reference=None, spacing=None
+    ) -> Generator[Progress, None, dict]:
+        """Region effects of every region of ``regions`` on one set of forward passes.
+
+        ``regions``: a label image of the image's spatial shape ``S`` (every non-zero
+        label is a region), or a mapping ``key -> bool S mask`` (e.g. several brushes;
+        masks may overlap). Every intervention draw is scored in every region, the reach
+        and the model's window are the union of the regions' own, so the run costs about
+        the forward passes of one region, not one per region. Returns ``{label or key:
+        RegionExplanation}``, each equal (to floating-point tolerance: the model may run
+        on a larger window) to a run for that region alone with the same seed; each
+        explanation's ``forward_passes`` is the whole shared run's, and its parameters
+        name its ``label`` and the ``regions_in_run``. Several regions need a
+        non-adaptive mode (``"exact"`` or ``"published"``); save them one by one or as
+        ``related`` results of one of them.
+        """
+        t_start = time.perf_counter()
+        x = self.model.prepare_image(image)
+        masks = region_masks(regions, tuple(x.shape[1:]))
+        if len(masks) > 1 and (self.settings.adaptive or self.settings.sequential):
+            raise ValueError(REGIONS_NOT_ADAPTIVE)
+        union = np.logical_or.reduce(list(masks.values()))
+        x, _, ref = self.check_inputs(image, union, reference)
+        explanations = yield from self._iter_targets(
+            x, list(masks.values()), [self.outcome] * len(masks), ref, spacing, t_start, names=list(masks)
+        )
+        for key, explanation in zip(masks, explanations, strict=True):
+            explanation.parameters.update(label=key, regions_in_run=list(masks))
+        return dict(zip(masks, explanations, strict=True))
+
+    def _iter_targets(
+        self, x: torch.Tensor, regions: list[np.ndarray], outcomes: list[Outcome], ref, spacing, t_start: float,
+        names: list | None = None,
+    ) -> Generator[Progress, None, list[RegionExplanation]]:
+        """One run for targets ``j`` (outcome ``outcomes[j]`` in bool ``S`` region ``regions[j]``)
+        on shared forward passes; returns one explanation per target."""
         spatial = tuple(x.shape[1:])
         spacing = voxel_spacing(spacing, len(spatial))
         grid = BlockGrid.create(spatial, self.block_shape)
@@ -224,16 +347,27 @@ class RegionEffects(Method):
                 f"block_shape {grid.block_shape} is larger than the image {spatial}: "
                 "choose blocks smaller than the image"
             )
-        target_blocks = grid.any_per_block(region)
-        if target_blocks.all():
-            raise ValueError(
-                "the target region covers every block of the image: nothing is left to intervene on; "
-                "choose a smaller region or smaller blocks"
-            )
+        # distinct regions (an outcome sweep has one): reach and its checks run once per region
+        distinct: dict[bytes, int] = {}
+        region_of = [distinct.setdefault(region.tobytes(), len(distinct)) for region in regions]
+        distinct_regions = [regions[region_of.index(d)] for d in range(len(distinct))]
+        # a classifier's output is global: every block is explained for its class (a given region is only shown)
+        target_blocks = [np.zeros(grid.shape, bool) if self.model.is_classifier else grid.any_per_block(region)
+                         for region in distinct_regions]
+        for d, blocks in enumerate(target_blocks):
+            if blocks.all():
+                what = "the target region" if names is None else f"region {names[region_of.index(d)]!r}"
+                raise ValueError(
+                    f"{what} covers every block of the image: nothing is left to intervene on; "
+                    "choose a smaller region or smaller blocks"
+                )
+        union = np.logical_or.reduce(distinct_regions)
         self.intervention.check(x, grid.block_shape)
         model, x = self.to_device(x)
         options = MODES[self.mode]
-        candidates = ~target_blocks
+        if model.is_classifier:  # every block reaches a global output, and no crop of the image is exact
+            options = {**options, "skip_unreachable": False, "crop_to_reach": False}
+        candidates = [~blocks for blocks in target_blocks]
         timings, log = {}, []
 
         # A model applied by sliding windows: outside "published" mode, only the windows over
@@ -242,30 +376,32 @@ class RegionEffects(Method):
         windowed = model.sliding_window is not None and options["crop_to_reach"]
 
         # Exact acceleration 1: skip blocks that provably cannot reach the region.
-        reach, probe_passes = candidates, 0
-        if options["skip_unreachable"] and candidates.any() and not windowed:
+        reach, probe_passes = list(candidates), 0
+        if options["skip_unreachable"] and any(c.any() for c in candidates) and not windowed:
             t0 = time.perf_counter()
             reach, probe_passes = yield from relay(
-                iter_reachable_blocks(model, x, grid, region, candidates),
+                iter_reachable_blocks_of_regions(model, x, grid, distinct_regions, candidates),
                 lambda step: Progress("reach", *step, time.perf_counter() - t_start),
             )
-            verified, passes = verify_unreachable(model, x, grid, region, reach, candidates, self.seed)
-            probe_passes += passes
-            if not verified:
-                log.append("NaN propagation does not hold for this model (does it remove NaN?); no block is skipped")
-                reach = candidates
+            for d, region in enumerate(distinct_regions):
+                verified, passes = verify_unreachable(model, x, grid, region, reach[d], candidates[d], self.seed)
+                probe_passes += passes
+                if not verified:
+                    log.append("NaN propagation does not hold for this model (does it remove NaN?); no block is skipped")
+                    reach[d] = candidates[d]
             timings["reach_s"] = time.perf_counter() - t0
             yield Progress("reach", 1, 1, probe_passes, time.perf_counter() - t_start)
+        any_reach = np.logical_or.reduce(reach)
 
         # Exact acceleration 2: run the model on the smallest window that is verified exact.
         window = None
         if options["crop_to_reach"] and not windowed:
             t0 = time.perf_counter()
-            window = aligned_window(grid, reach | target_blocks, model._divisors())
+            window = aligned_window(grid, any_reach | np.logical_or.reduce(target_blocks), model._divisors())
             if window != tuple(slice(0, n) for n in spatial):
-                probes = self._window_probes(x, grid, reach)
+                probes = self._window_probes(x, grid, any_reach)
                 try:
-                    exact = window_is_exact(model, x, window, region, probes)
+                    exact = window_is_exact(model, x, window, union, probes)
                 except Exception as error:  # noqa: BLE001 - e.g. a model that only takes one input size
                     log.append(f"the model failed on the reach window ({type(error).__name__}: {error}); using the full image")
                     exact = False
@@ -278,29 +414,49 @@ class RegionEffects(Method):
                 window = None
             timings["window_s"] = time.perf_counter() - t0
 
+        # one outcome column per target; several regions are scored inside their union
+        scored = outcomes[0] if len(outcomes) == 1 else outcomes
+        members = None if len(distinct_regions) == 1 else regions
         if windowed:
-            nodes = WindowedInputBlocks(model, x, grid, region, scored, self.intervention, ref, self.precision)
+            nodes = WindowedInputBlocks(model, x, grid, union, scored, self.intervention, ref, self.precision, members)
             if options["skip_unreachable"]:
-                reach = candidates & nodes.reachable_blocks()
+                reach = [c & nodes.reachable_blocks(None if members is None else region_of.index(d))
+                         for d, c in enumerate(candidates)]
+                any_reach = np.logical_or.reduce(reach)
         else:
-            nodes = InputBlocks(model, x, grid, region, scored, self.intervention, ref, window, self.precision)
-        batch_size = self.choose_batch_size(nodes.item_bytes)
+            nodes = InputBlocks(model, x, grid, union, scored, self.intervention, ref, window, self.precision, members,
+                                incremental=self.incremental and not model.is_classifier)  # a global output
+        if len(outcomes) > 1:
+            nodes.needed = np.stack([reach[d].ravel() for d in region_of], axis=1)
+        batch_size, probe = self.choose_batch_size(nodes.item_bytes), None
+        if self.batch_probe and self.batch_size is None and not windowed:
+            probe = fastest_batch_size(nodes.scoring.region_scores, nodes.crop, batch_size)
+            batch_size = probe.batch_size
         runner = BatchRunner(batch_size)
-        to_estimate = np.flatnonzero(reach.ravel())
+        to_estimate = np.flatnonzero(any_reach.ravel())
         pruned, coarse_passes = np.zeros(grid.n_blocks, bool), 0
         if options["coarse_factor"] > 1 and not nodes.deterministic and self.settings.n_screen:
             pruned, coarse_passes = yield from self._coarse_screen(nodes, grid, to_estimate, runner, options["coarse_factor"])
             to_estimate = to_estimate[~pruned[to_estimate]]
         estimates = yield from estimate_effects(nodes, to_estimate, self.settings, runner)
 
-        # one column per outcome
-        ate, standard_error, n_draws, status = (
+        # one column per target
+        ate, standard_error, n_draws, status, lower, upper, few_draws = (
             np.asarray(values).reshape(grid.n_blocks, -1)
-            for values in (estimates.ate, estimates.standard_error, estimates.n_draws, estimates.status)
+            for values in (estimates.ate, estimates.standard_error, estimates.n_draws, estimates.status,
+                           estimates.lower, estimates.upper, estimates.few_draws)
         )
         status[pruned] = NodeStatus.PRUNED_COARSE
         n_draws[pruned] = self.settings.n_screen
-        status[target_blocks.ravel()] = NodeStatus.TARGET
+        lower[pruned], upper[pruned], few_draws[pruned] = np.nan, np.nan, True
+        for j, d in enumerate(region_of):
+            # blocks another target needed: this target's own run would not have drawn for them
+            unreached = ~reach[d].ravel()
+            ate[unreached, j], standard_error[unreached, j], n_draws[unreached, j] = 0, 0, 0
+            status[unreached, j] = NodeStatus.UNREACHABLE
+            lower[unreached, j], upper[unreached, j], few_draws[unreached, j] = 0, 0, False
+            status[target_blocks[d].ravel(), j] = NodeStatus.TARGET
+            lower[target_blocks[d].ravel(), j] = upper[target_blocks[d].ravel(), j] = np.nan
         base_outcomes = np.atleast_1d(estimates.base_outcome)
         timings["estimate_s"] = estimates.elapsed_s
         timings["total_s"] = time.perf_counter() - t_start
@@ -309,33 +465,43 @@ class RegionEffects(Method):
             batch_size=batch_size,
             batch_size_after_backoff=runner.batch_size,
             window=[[w.start, w.stop] for w in window] if window else None,
-            n_candidate_blocks=int(candidates.sum()),
-            n_reachable_blocks=int(reach.sum()),
             reference="given" if ref is not None else "model prediction",
+            incremental=nodes.incremental_status,
+            forward_passes_by_stage={"reach": probe_passes, "coarse": coarse_passes, "estimate": estimates.forward_passes,
+                                     "batch_probe": probe.forward_passes if probe else 0},
+            batch_probe_images_per_second=[[k, round(v, 1)] for k, v in probe.images_per_second.items()] if probe else None,
         )
         if windowed:
             parameters["sliding_window"] = {**model.sliding_window.describe(), **nodes.summary()}
             log += nodes.log
+        distinct_outcomes = {id(outcome): outcome for outcome in outcomes}
+        predictions = {key: self._full_prediction(model, x, nodes, outcome) for key, outcome in distinct_outcomes.items()}
         return [
             RegionExplanation(
                 block_effects=ate[:, j].reshape(grid.shape).astype(np.float32),
                 block_standard_error=standard_error[:, j].reshape(grid.shape).astype(np.float32),
                 block_draws=n_draws[:, j].reshape(grid.shape),
                 block_status=status[:, j].reshape(grid.shape),
+                block_lower=lower[:, j].reshape(grid.shape).astype(np.float32),
+                block_upper=upper[:, j].reshape(grid.shape).astype(np.float32),
+                block_few_draws=few_draws[:, j].reshape(grid.shape).astype(bool),
                 block_shape=grid.block_shape,
-                target_region=region,
-                prediction=self._full_prediction(model, x, nodes, outcome),
+                target_region=regions[j],
+                prediction=predictions[id(outcome)],
                 reference=ref,
                 base_outcome=float(base_outcomes[j]),
-                parameters={**parameters, "outcome": outcome.describe()},
+                parameters={
+                    **parameters, "outcome": outcome.describe(),
+                    "n_candidate_blocks": int(candidates[d].sum()), "n_reachable_blocks": int(reach[d].sum()),
+                },
                 model_identity=model.identity(),
                 provenance=self.provenance(),
                 timings=timings,
-                forward_passes=estimates.forward_passes + probe_passes + coarse_passes,
+                forward_passes=sum(parameters["forward_passes_by_stage"].values()),
                 spacing=None if spacing is None else tuple(float(s) for s in spacing),
                 log=log + estimates.log,
             )
-            for j, outcome in enumerate(outcomes)
+            for j, (outcome, d) in enumerate(zip(outcomes, region_of, strict=True))
         ]
 
     def estimate_cost(self, image, target_region, reference=None) -> CostEstimate:
@@ -397,8 +563,10 @@ class RegionEffects(Method):
     def _full_prediction(self, model: SegmentationModel, x: torch.Tensor, nodes: InputBlocks, outcome: Outcome) -> np.ndarray:
         """The unperturbed thresholded prediction of the explained channel on the whole image."""
         with torch.inference_mode():
-            scores = model(x[None]).flatten(2)
-        mask = outcome.predicted_mask(scores, model.activation, nodes.channel)[0]
+            scores = model(x[None])
+        if model.is_classifier:
+            return class_prediction(outcome, scores, model.activation, nodes.channel, x.shape[1:])
+        mask = outcome.predicted_mask(scores.flatten(2), model.activation, nodes.channel)[0]
         return mask.reshape(x.shape[1:]).cpu().numpy()
 
 

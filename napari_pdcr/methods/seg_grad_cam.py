@@ -16,15 +16,16 @@ from napari_pdcr.engine.estimator import Progress
 from napari_pdcr.methods.attribution import AttributionMethod
 
 
-def default_layer(stages: list[Component], spatial_dims: int) -> Component:
-    """The bottleneck stage; else the deepest one: smallest spatial size, the last such before the output."""
+def default_layer(stages: list[Component], spatial_dims: int, classifier: bool = False) -> Component:
+    """The bottleneck stage; else the deepest one: smallest spatial size, the last such before the output
+    (a classifier's output has no spatial size: the last spatial stage may be chosen, as Grad-CAM does)."""
     spatial = [c for c in stages if c.shape is not None and len(c.shape) == spatial_dims + 1]
     for c in spatial:
         if c.name.startswith("bottleneck"):
             return c
     if not spatial:
         raise ValueError("the model has no stage with a spatial output for Seg-Grad-CAM: choose a layer (layer=...)")
-    candidates = spatial[:-1] or spatial  # the last stage is the output layer
+    candidates = spatial if classifier else spatial[:-1] or spatial  # a segmentation's last stage is its output
     smallest = min(int(torch.tensor(c.shape[1:]).prod()) for c in candidates)
     return [c for c in candidates if int(torch.tensor(c.shape[1:]).prod()) == smallest][-1]
 
@@ -63,7 +64,7 @@ class SegGradCam(AttributionMethod):
     def _find_layer(self, example: torch.Tensor | None) -> Component:
         stages = enumerate_components(self.model, "stages", example=example)
         if self.layer is None:
-            return default_layer(stages, self.model.spatial_dims)
+            return default_layer(stages, self.model.spatial_dims, self.model.is_classifier)
         candidates = stages + enumerate_components(self.model, "skips") + enumerate_components(self.model, "blocks")
         try:
             return find_component(candidates, self.layer, network_of(self.model))

@@ -1,4 +1,4 @@
-"""Faithfulness metrics of explanation maps: deletion and insertion curves on the region outcome."""
+"""Metrics of explanation maps: deletion and insertion curves on the region outcome; heatmaps as segmentations."""
 
 from napari_pdcr.metrics.faithfulness import (
     Faithfulness,
@@ -6,5 +6,7 @@ from napari_pdcr.metrics.faithfulness import (
     block_ranking,
     support_map,
 )
+from napari_pdcr.metrics.segmentation import SegmentationScore, heatmap_mask, score_heatmap
 
-__all__ = ["Faithfulness", "FaithfulnessCurves", "block_ranking", "support_map"]
+__all__ = ["Faithfulness", "FaithfulnessCurves", "SegmentationScore", "block_ranking", "heatmap_mask", "score_heatmap",
+           "support_map"]

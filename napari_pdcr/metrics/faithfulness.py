@@ -228,7 +228,9 @@ class Faithfulness:
         t0 = time.perf_counter()
         x = self.model.prepare_image(image)
         spatial = tuple(x.shape[1:])
-        region = validate_region(target_region, spatial, "target region")
+        classifier = self.model.is_classifier  # its outcome is global: the region may be empty, every block is ranked
+        region = (np.zeros(spatial, bool) if classifier and target_region is None
+                  else validate_region(target_region, spatial, "target region", allow_empty=classifier))
         ref = None if reference is None else validate_reference(reference, spatial)
         grid = BlockGrid.create(spatial, self.block_shape)
         ranked = ~grid.any_per_block(region)

@@ -1,7 +1,7 @@
 """The model wrapper every part of napari-pdcr talks to.
 
 A :class:`SegmentationModel` couples a network (any callable from a batch of images to
-per-pixel scores) with what the engine must know and the file cannot say: spatial
+per-pixel scores, or to class scores for a model of kind ``"classifier"``) with what the engine must know and the file cannot say: spatial
 dimensionality, input channels, output activation, the spatial divisibility the network
 needs, intensity preprocessing and the model's identity (a hash) for provenance.
 """
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from napari_pdcr.models.description import ModelDescription
 
 Activation = Literal["none", "sigmoid", "softmax"]
+#: model kinds: scores per voxel ``(N, K, *S)``, or per class ``(N, K)``
+SEGMENTATION, CLASSIFIER = "segmentation", "classifier"
+MODEL_KINDS = (SEGMENTATION, CLASSIFIER)
 Preprocess = Literal["none", "minmax", "zscore"]
 
 
@@ -51,13 +54,14 @@ def hash_file(path) -> str:
 
 @dataclass
 class SegmentationModel:
-    """A segmentation network and what is needed to run and explain it.
+    """A segmentation network (or a classifier) and what is needed to run and explain it.
 
     Parameters
     ----------
     network
         Callable mapping a float32 batch ``(N, C, *S)`` to raw scores ``(N, K, *S)``
         (logits, or probabilities when ``activation="none"``). ``len(S) == spatial_dims``.
+        A classifier's network maps it to class scores ``(N, K)``.
     spatial_dims
         2 for images ``(C, H, W)``, 3 for volumes ``(C, D, H, W)``.
     in_channels
@@ -89,6 +93,10 @@ class SegmentationModel:
         ``(low, high)`` of the values the network takes (after preprocessing), e.g.
         ``(0, 1)``; by default the description's. :meth:`prepare_image` rejects images
         far outside it (beyond half its width), such as 0..255 for ``(0, 1)``.
+    kind
+        ``"segmentation"`` or ``"classifier"`` (class scores ``(N, K)``; no sliding window;
+        padding to ``divisible_by`` is kept, there is no map to crop). ``None``: the
+        description's kind, else ``"segmentation"``.
     """
 
     network: Callable[[torch.Tensor], torch.Tensor]
@@ -104,8 +112,18 @@ class SegmentationModel:
     sliding_window: SlidingWindow | None = None
     description: ModelDescription | None = None
     input_range: tuple[float, float] | None = None
+    kind: str | None = None
 
     def __post_init__(self):
+        described = getattr(self.description, "kind", None)
+        if self.kind is None:
+            self.kind = described or SEGMENTATION
+        elif described is not None and described != self.kind:
+            raise ValueError(f"kind={self.kind!r} contradicts the model's description (kind={described!r})")
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        if self.kind == CLASSIFIER and self.sliding_window is not None:
+            raise ValueError("a classifier's scores (N, K) are global: it cannot be applied by sliding windows")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.activation not in ("none", "sigmoid", "softmax"):
@@ -122,6 +140,11 @@ class SegmentationModel:
 
     # ------------------------------------------------------------------ identity
     @property
+    def is_classifier(self) -> bool:
+        """True for a classifier (scores ``(N, K)``)."""
+        return self.kind == CLASSIFIER
+
+    @property
     def is_module(self) -> bool:
         """True when the network is an ``nn.Module`` whose submodules can be hooked."""
         return isinstance(self.network, torch.nn.Module) and not isinstance(
@@ -132,6 +155,7 @@ class SegmentationModel:
         """Provenance record: name, source, hash and the settings that shape outputs."""
         return {
             "name": self.name,
+            "kind": self.kind,
             "source": str(self.source),
             "sha256": self.sha256,
             "spatial_dims": self.spatial_dims,
@@ -244,10 +268,12 @@ class SegmentationModel:
         return self.forward_network(batch)
 
     def forward_network(self, batch: torch.Tensor) -> torch.Tensor:
-        """Raw scores ``(N, K, *S)`` of the network on ``batch`` ``(N, C, *S)`` as it is (one window).
+        """Raw scores ``(N, K, *S)`` of the network on ``batch`` ``(N, C, *S)`` as it is (one window);
+        a classifier's ``(N, K)``.
 
         Pads each spatial axis up to a multiple of ``divisible_by`` and crops back.
-        Raises ``ValueError`` when the network's output is not ``(N, K, *S)`` of its input's size.
+        Raises ``ValueError`` when the network's output is not ``(N, K, *S)`` of its input's size
+        (a classifier's: not ``(N, K)``).
         """
         spatial = batch.shape[2:]
         pads = [(-s) % d for s, d in zip(spatial, self._divisors(), strict=True)]
@@ -258,6 +284,14 @@ class SegmentationModel:
         out = self.network(x)
         if isinstance(out, (tuple, list)):  # deep supervision / auxiliary heads: first is the map
             out = out[0]
+        if self.is_classifier:
+            if out.ndim != 2 or out.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"classifier {self.name!r} returned scores of shape {tuple(out.shape)} for an input of shape "
+                    f"{tuple(x.shape)}: a classifier must return (N, K) class scores (else describe it as "
+                    "kind='segmentation')"
+                )
+            return out
         if out.ndim != x.ndim or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
             raise ValueError(
                 f"model {self.name!r} returned scores of shape {tuple(out.shape)} for an input of shape "

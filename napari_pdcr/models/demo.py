@@ -1,4 +1,4 @@
-"""Small demo brain-extraction models that ship with napari-pdcr.
+"""Small demo models that ship with napari-pdcr: brain extraction and the lesion task.
 
 Each is a MONAI network (or, for ``shallow2d``, a tiny local CNN) trained on Colin27 by
 ``sample_data/train_demo_models.py`` (``vit2d``, a small transformer from
@@ -9,6 +9,11 @@ data); held-out Dice is in ``docs/demo_models.md``. The temperature series
 as the temperature of soft outcomes. All
 take one channel in [0, 1] (the bundled samples as loaded) and output one channel of
 brain-foreground logits (``activation="sigmoid"``).
+
+The lesion models (:func:`lesion_model_names`, trained by
+``sample_data/train_classifiers.py`` on :mod:`napari_pdcr.lesions`; results in
+``docs/classifiers.md``) run on the ``lesion_slices`` sample: classifiers (``kind
+"classifier"``, two class logits, class 1 = lesion present) and U-Nets of the lesion mask.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from monai.networks.nets import SegResNet, UNet
 from torch import nn
 
 from napari_pdcr._resources import demo_weights_dir
-from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.models.base import CLASSIFIER, SEGMENTATION, SegmentationModel
+from napari_pdcr.models.classifiers import LesionCNN, TWClassifier
 from napari_pdcr.models.description import ModelDescription
 from napari_pdcr.models.vit import ViTSegNet
 
@@ -54,7 +60,10 @@ class DemoModelSpec:
 
     ``build`` returns the untrained network; ``divisible_by`` is the spatial multiple it
     needs; ``sample`` names the bundled sample (``napari_pdcr.samples``) it runs on;
-    ``training_temperature`` is the T of ``sigmoid(z / T)`` in its training loss.
+    ``training_temperature`` is the T of ``sigmoid(z / T)`` in its training loss;
+    ``kind`` is ``"segmentation"`` (scores per pixel) or ``"classifier"`` (class scores
+    ``(N, K)``); ``activation`` turns its scores into probabilities and ``channel`` is
+    the class explained by default, of ``out_channels``.
     """
 
     build: Callable[[], nn.Module]
@@ -63,6 +72,10 @@ class DemoModelSpec:
     sample: str
     description: str
     training_temperature: float = 1.0
+    kind: str = SEGMENTATION
+    activation: str = "sigmoid"
+    out_channels: int = 1
+    channel: int | None = None
 
 
 DEMO_MODELS: dict[str, DemoModelSpec] = {
@@ -129,6 +142,43 @@ DEMO_MODELS: dict[str, DemoModelSpec] = {
 }
 
 
+#: the lesion task (:mod:`napari_pdcr.lesions`, trained by ``sample_data/train_classifiers.py``)
+_LESION_CLASSIFIER = dict(spatial_dims=2, divisible_by=32, sample="lesion_slices", kind=CLASSIFIER,
+                          activation="softmax", out_channels=2, channel=1)
+_TW = "TW-style classifier (LesionCNN encoder; its decoder is the unrolled LRP-epsilon pass through the encoder's weights)"
+DEMO_MODELS.update(
+    {
+        "lesion_cnn": DemoModelSpec(
+            build=LesionCNN, **_LESION_CLASSIFIER,
+            description="Plain CNN classifier (5 conv-batchnorm-ReLU-maxpool stages, 245k parameters): lesion present "
+            "(class 1) in a 2 mm T1 slice, trained on image labels only.",
+        ),
+        "tw_lesion": DemoModelSpec(
+            build=TWClassifier, **_LESION_CLASSIFIER,
+            description=f"{_TW}: lesion present (class 1), trained on image labels only.",
+        ),
+        "tw_lesion_px5": DemoModelSpec(
+            build=TWClassifier, **_LESION_CLASSIFIER,
+            description=f"{_TW}: lesion present (class 1), image labels + the lesion masks of 5 images.",
+        ),
+        "tw_lesion_px20": DemoModelSpec(
+            build=TWClassifier, **_LESION_CLASSIFIER,
+            description=f"{_TW}: lesion present (class 1), image labels + the lesion masks of 20 images.",
+        ),
+        **{
+            f"unet_lesion_px{n}": DemoModelSpec(
+                build=lambda: UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16, 32, 64),
+                                   strides=(2, 2, 2), num_res_units=1, norm="batch"),
+                spatial_dims=2, divisible_by=8, sample="lesion_slices",
+                description=f"MONAI 2D U-Net (8-64 channels): lesion mask of a 2 mm T1 slice, trained on the "
+                f"masks of {n} lesion images only (the comparison for tw_lesion_px{n}).",
+            )
+            for n in (5, 20)
+        },
+    }
+)
+
+
 #: the temperature series: ``unet2d`` trained at each training temperature
 TEMPERATURE_SERIES: dict[str, float] = {f"unet2d_T{t:g}": t for t in (0.5, 1.0, 2.0, 4.0)}
 DEMO_MODELS.update(
@@ -146,6 +196,11 @@ DEMO_MODELS.update(
 def demo_model_names() -> list[str]:
     """Names accepted by :func:`load_demo_model`."""
     return list(DEMO_MODELS)
+
+
+def lesion_model_names() -> list[str]:
+    """Names of the demo models of the lesion task (classifiers and few-mask U-Nets)."""
+    return [name for name, spec in DEMO_MODELS.items() if spec.sample == "lesion_slices"]
 
 
 def demo_weights_path(name: str):
@@ -166,26 +221,29 @@ def load_demo_model(name: str, device="cpu") -> SegmentationModel:
     if not path.is_file():
         raise FileNotFoundError(
             f"weights of demo model {name!r} are missing ({path}); "
-            "run sample_data/train_demo_models.py"
+            f"run sample_data/{'train_classifiers.py' if spec.sample == 'lesion_slices' else 'train_demo_models.py'}"
         )
     network = spec.build()
     network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # float16 -> float32 too
     description = None
-    if name in TEMPERATURE_SERIES:  # their own probabilities are sigmoid(z / T_train)
+    if name in TEMPERATURE_SERIES or spec.kind == CLASSIFIER:  # T_train of soft outcomes; a classifier's class
         description = ModelDescription(
-            spatial_dims=spec.spatial_dims, in_channels=1, out_channels=1, preprocess="none", activation="sigmoid",
+            spatial_dims=spec.spatial_dims, in_channels=1, out_channels=spec.out_channels, preprocess="none",
+            activation=spec.activation,
             divisible_by=spec.divisible_by, input_range=(0.0, 1.0), temperature=spec.training_temperature, name=name,
+            kind=spec.kind, channel=spec.channel,
         )
     model = SegmentationModel(
         network=network,
         spatial_dims=spec.spatial_dims,
         in_channels=1,
-        activation="sigmoid",
+        activation=spec.activation,
         divisible_by=spec.divisible_by,
         preprocess="none",
         input_range=(0.0, 1.0),
         name=name,
         source=f"demo:{name}",
         description=description,
+        kind=spec.kind,
     )
     return model.to(device)

@@ -1,18 +1,18 @@
 """What a model file cannot say about itself, and what can be inferred from a test pass.
 
-A :class:`ModelDescription` holds the settings a segmentation model needs to be run
-and explained: spatial dimensionality, input channels, intensity preprocessing, output
-activation, the channel (class) to explain, spatial divisibility, temperature and
-sliding-window inference. It is given as fields, as a dict, or as a small JSON file
+A :class:`ModelDescription` holds the settings a model needs to be run and explained:
+its kind (a segmentation model's scores are ``(N, K, *S)``, a classifier's ``(N, K)``),
+spatial dimensionality, input channels, intensity preprocessing, output activation, the
+channel (class) to explain, spatial divisibility, temperature and sliding-window inference. It is given as fields, as a dict, or as a small JSON file
 next to the model (``<model stem>.pdcr.json``, or ``pdcr.json`` inside a MONAI bundle)::
 
-    {"spatial_dims": 3, "in_channels": 1, "preprocess": "zscore",
+    {"kind": "segmentation", "spatial_dims": 3, "in_channels": 1, "preprocess": "zscore",
      "activation": "softmax", "channel": 1, "divisible_by": 16,
      "sliding_window": {"roi_size": [96, 96, 96], "overlap": 0.25, "mode": "gaussian"}}
 
 Fields left out are inferred by :func:`complete_description` where that is unambiguous
-(a forward pass on random inputs finds the output channels, and the dimensionality and
-input channels among a few candidates), and every inferred value is recorded in
+(a forward pass on random inputs finds the kind and the output channels, and the
+dimensionality and input channels among a few candidates), and every inferred value is recorded in
 ``inferred`` so the user can see what was assumed.
 """
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from napari_pdcr.models.base import CLASSIFIER, MODEL_KINDS, SEGMENTATION
 from napari_pdcr.models.sliding_window import SlidingWindow
 from napari_pdcr.outcomes import Outcome
 from napari_pdcr.validation import value_range
@@ -35,6 +36,10 @@ PREPROCESS_NAMES = ("none", "minmax", "zscore", "bundle")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 DESCRIPTION_SUFFIX = ".pdcr.json"
 BUNDLE_DESCRIPTION = "pdcr.json"
+NO_CLASSIFIER_WINDOWS = (
+    "a classifier's scores (N, K) are global, so it cannot be applied by sliding windows: "
+    "remove sliding_window from its description (or describe it as kind='segmentation')"
+)
 #: spatial size of test inputs (a multiple of 32, as networks with five stride-2 levels need)
 PROBE_SIZE = 32
 #: sizes tried, smallest first, when the image's shape and a window size are not known
@@ -44,10 +49,13 @@ SEARCH_SIZES = (32, 64, 96, 128)
 
 @dataclass
 class ModelDescription:
-    """Settings of a segmentation model; ``None`` means "not given" (to be inferred).
+    """Settings of a model; ``None`` means "not given" (to be inferred).
 
     Parameters
     ----------
+    kind
+        ``"segmentation"`` (scores ``(N, K, *S)``, one per voxel) or ``"classifier"``
+        (scores ``(N, K)``, one per class); inferred from a test pass (given: checked).
     spatial_dims
         2 or 3.
     in_channels
@@ -60,7 +68,8 @@ class ModelDescription:
     activation
         ``"sigmoid"``, ``"softmax"`` or ``"none"`` (outputs are probabilities).
     channel
-        Output channel (class) to explain; ``None``: the outcome's default.
+        Output channel (class) to explain; ``None``: the outcome's default (for a
+        classifier with more than two classes: the predicted class).
     divisible_by
         Spatial multiple the network needs (one int or one per axis).
     input_range
@@ -70,7 +79,7 @@ class ModelDescription:
         Temperature of probabilities in soft outcomes (> 0): given, or fitted on labelled
         pixels by :func:`napari_pdcr.calibration.calibrate`.
     sliding_window
-        Apply the model window-wise (:class:`~napari_pdcr.models.sliding_window.SlidingWindow`,
+        Apply the model window-wise (segmentation models only) (:class:`~napari_pdcr.models.sliding_window.SlidingWindow`,
         or a dict of its fields).
     name
         Display name.
@@ -84,6 +93,7 @@ class ModelDescription:
         Human-readable notes on every value that was inferred rather than given.
     """
 
+    kind: str | None = None
     spatial_dims: int | None = None
     in_channels: int | None = None
     out_channels: int | None = None
@@ -106,6 +116,10 @@ class ModelDescription:
             self.sliding_window = _sliding_window_from_dict(self.sliding_window)
         if isinstance(self.divisible_by, list):
             self.divisible_by = tuple(self.divisible_by)
+        if self.kind is not None and self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        if self.kind == CLASSIFIER and self.sliding_window is not None:
+            raise ValueError(NO_CLASSIFIER_WINDOWS)
         if self.spatial_dims is not None and self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         for name in ("in_channels", "out_channels"):
@@ -232,9 +246,32 @@ def _try_forward(network, shape: Sequence[int]) -> tuple[torch.Tensor | None, st
         out = out[0]
     if not isinstance(out, torch.Tensor):
         return None, f"returned a {type(out).__name__}, not a tensor"
-    if out.ndim != len(shape) or out.shape[0] != shape[0] or tuple(out.shape[2:]) != tuple(shape[2:]):
-        return None, f"returned shape {tuple(out.shape)} for input {tuple(shape)} (expected (N, K, *spatial) of the input's size)"
+    is_map = out.ndim == len(shape) and tuple(out.shape[2:]) == tuple(shape[2:])
+    if out.shape[0] != shape[0] or not (is_map or out.ndim == 2):
+        return None, (f"returned shape {tuple(out.shape)} for input {tuple(shape)} (expected (N, K, *spatial) "
+                      "of the input's size, or a classifier's (N, K))")
     return out, ""
+
+
+def output_kind(out: torch.Tensor) -> str:
+    """``"classifier"`` for scores ``(N, K)``, ``"segmentation"`` for ``(N, K, *S)``."""
+    return CLASSIFIER if out.ndim == 2 else SEGMENTATION
+
+
+def _check_kind(d: ModelDescription, out: torch.Tensor, shape: tuple[int, ...], notes: list[str]) -> None:
+    """Set ``d.kind`` from a test output ``out`` for an input of ``shape``; a contradiction raises ``ValueError``."""
+    found = output_kind(out)
+    if d.kind is None:
+        d.kind = found
+        notes.append(f"kind='{found}' (the model returns scores of shape {tuple(out.shape)} for {tuple(shape)})")
+    elif d.kind != found:
+        what = "class scores (N, K): it is a classifier" if found == CLASSIFIER else "a score per voxel: it segments"
+        raise ValueError(
+            f"the description says kind='{d.kind}' but the model returns scores of shape {tuple(out.shape)} for an "
+            f"input of shape {tuple(shape)}, {what}; set kind='{found}'"
+        )
+    if d.kind == CLASSIFIER and d.sliding_window is not None:
+        raise ValueError(NO_CLASSIFIER_WINDOWS)
 
 
 def complete_description(
@@ -252,8 +289,9 @@ def complete_description(
     input's size is, in this order: ``input_shape``, the sliding window's size, the
     image's shape, or the smallest of :data:`SEARCH_SIZES` that runs (rounded up to
     ``divisible_by``). A network that runs on that size only (UNETR's ``img_size``) gets a
-    sliding window of that size, with a note. Raises ``ValueError`` when no candidate or
-    more than one works, ``FloatingPointError`` when the network returns NaN or infinite
+    sliding window of that size, with a note (a classifier: a note only). The output's
+    shape gives the kind (``(N, K)``: a classifier). Raises ``ValueError`` when no candidate or
+    more than one works, when the output contradicts a given kind, ``FloatingPointError`` when the network returns NaN or infinite
     values. Returns a new description with every inferred value noted in ``inferred``.
     """
     d = replace(description, inferred=list(description.inferred))
@@ -298,6 +336,7 @@ def complete_description(
         options = ", ".join(f"{dims}D with {c} channel(s)" for dims, c, _, _ in working)
         raise ValueError(f"the model runs on several kinds of input ({options}): give spatial_dims and in_channels")
     dims, channels, out, size = working[0]
+    _check_kind(d, out, (1, channels, *size), notes)
     if d.spatial_dims is None:
         notes.append(f"spatial_dims={dims} (the only dimensionality the model ran on)")
     if d.in_channels is None:
@@ -331,7 +370,9 @@ def complete_description(
         d.divisible_by = 1
         if input_shape is None and window is None:
             divisor = _infer_divisor(network, channels, size, notes)
-            if divisor is None:
+            if divisor is None and d.kind == CLASSIFIER:
+                notes.append(f"the classifier runs on inputs of spatial size {size} only: give images of this size")
+            elif divisor is None:
                 d.sliding_window = SlidingWindow(size)
                 notes.append(
                     f"sliding_window roi_size={size} (the model runs on inputs of this size only, e.g. a "

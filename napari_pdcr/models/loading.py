@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_pdcr.models.base import SegmentationModel, hash_file
+from napari_pdcr.models.base import CLASSIFIER, SegmentationModel, hash_file
 from napari_pdcr.models.description import (
     ModelDescription,
     complete_description,
@@ -75,7 +75,10 @@ def load_model(
     factory_kwargs: dict | None = None,
     image_shape=None,
 ) -> SegmentationModel:
-    """Load a segmentation model and wrap it for explanation.
+    """Load a segmentation model or a classifier and wrap it for explanation.
+
+    The kind (scores per voxel ``(N, K, *S)`` or per class ``(N, K)``) is the
+    description's ``kind``, else found from a test pass; every format loads either.
 
     Parameters
     ----------
@@ -133,12 +136,12 @@ def load_model(
     given = ModelDescription.coerce(description)
     from_file = ModelDescription.from_file(loaded.description_file) if loaded.description_file else ModelDescription()
     wanted = loaded.format_description.updated(from_file).updated(given)
-    if loaded.input_shape is not None:
-        wanted = _fit_fixed_shape(wanted, loaded.input_shape)
     try:
         resolved = complete_description(wanted, loaded.network, loaded.input_shape, image_shape)
     except ValueError as error:
         raise ModelLoadError(f"{loaded.source}: {error}") from None
+    if loaded.input_shape is not None and resolved.kind != CLASSIFIER:  # a classifier's scores have no map to window
+        resolved = _fit_fixed_shape(resolved, loaded.input_shape)
 
     preprocess = resolved.preprocess
     if preprocess == "bundle":

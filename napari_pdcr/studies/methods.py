@@ -23,6 +23,7 @@ from napari_pdcr.interventions import Blur
 from napari_pdcr.methods.base import Method
 from napari_pdcr.methods.gradient_x_input import GradientXInput
 from napari_pdcr.methods.integrated_gradients import IntegratedGradients
+from napari_pdcr.methods.misure import MiSuRe
 from napari_pdcr.methods.occlusion import Occlusion
 from napari_pdcr.methods.region_effects import RegionEffects
 from napari_pdcr.methods.rise import Rise
@@ -39,6 +40,7 @@ METHODS: dict[str, type[Method]] = {
     "gradient_x_input": GradientXInput,
     "occlusion": Occlusion,
     "rise": Rise,
+    "misure": MiSuRe,
 }
 
 
