@@ -12,6 +12,7 @@ pytest.importorskip("qtpy")
 pytestmark = pytest.mark.gui
 
 SCREENSHOT = os.environ.get("PDCR_COMPARE_SCREENSHOT")  # e.g. docs/images/compare_methods.png
+MISURE_SCREENSHOT = os.environ.get("PDCR_MISURE_SCREENSHOT")  # e.g. /tmp/misure_grid.png
 
 
 @pytest.fixture
@@ -114,3 +115,29 @@ def test_compare_methods_can_be_cancelled_and_needs_a_method(widget, qtbot):
         box.setChecked(False)
     widget.compare()
     assert widget.worker is None and widget.comparison is None
+
+
+def test_compare_methods_runs_misure_and_shows_its_map(widget, qtbot):
+    """MiSuRe is offered by name; its map joins the grid with the one colour convention."""
+    from napari_pdcr import AttributionMap
+    from napari_pdcr._napari.layers import FLIPPED_COLORMAP_NAME, METADATA_KEY
+
+    viewer = widget.viewer
+    assert widget.compared["misure"].text() == "MiSuRe"
+    for name, box in widget.compared.items():
+        box.setChecked(name in ("misure", "gradient_x_input"))
+
+    widget.compare()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    comparison = widget.comparison
+    assert comparison is not None, widget.progress.format()
+    explanation = comparison.maps["misure"]
+    assert isinstance(explanation, AttributionMap) and explanation.sign == "positive_supports"
+    layer = next(layer for layer in viewer.layers
+                 if layer.metadata.get(METADATA_KEY, {}).get("explanation") is explanation)
+    assert layer.colormap.name == FLIPPED_COLORMAP_NAME  # positive supports: drawn red like the other maps
+    sufficient = explanation.extras["sufficient_mask"].astype(bool)
+    assert 0 < sufficient.sum() < sufficient.size and np.isfinite(explanation.attribution).all()
+    if MISURE_SCREENSHOT:
+        qtbot.wait(500)
+        viewer.screenshot(MISURE_SCREENSHOT, canvas_only=False, flash=False)

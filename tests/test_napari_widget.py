@@ -27,15 +27,6 @@ def stall_limit() -> tuple[float, str]:
     return STALL_LIMIT_S, f"load {load:.1f} on {cpus} CPUs: bound {STALL_LIMIT_S} s"
 
 
-@pytest.fixture
-def viewer_2d(make_napari_viewer):
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
-    viewer.open_sample("napari-pdcr", "colin27_slice")
-    viewer.layers["colin27_slice brain mask"].visible = False
-    return viewer
-
-
 def dock(viewer):
     _, widget = viewer.window.add_plugin_dock_widget("napari-pdcr", "Region effects (ATE map)")
     return widget

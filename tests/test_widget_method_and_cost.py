@@ -23,15 +23,6 @@ SCREENSHOT = os.environ.get("PDCR_METHOD_SCREENSHOT")  # e.g. /tmp/seg_grad_cam_
 CENTRES = [(66, 56), (70, 60), (74, 64)]
 
 
-@pytest.fixture
-def viewer_2d(make_napari_viewer):
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
-    viewer.open_sample("napari-pdcr", "colin27_slice")
-    viewer.layers["colin27_slice brain mask"].visible = False
-    return viewer
-
-
 def wait_for_cost(qtbot, widget, previous: str | None = None) -> str:
     """Until the label shows a computed estimate (different from ``previous``); returns its text."""
     qtbot.waitUntil(lambda: widget.cost_label.text().startswith("Time: at most")
