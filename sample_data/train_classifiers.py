@@ -39,11 +39,9 @@ from monai.losses import DiceCELoss
 
 from napari_pdcr.lesions import LesionSet, lesion_split
 from napari_pdcr.models.classifiers import HEATMAP_SCALE
-from napari_pdcr.models.demo import DEMO_MODELS, demo_weights_path
+from napari_pdcr.models.demo import DEMO_MODELS, demo_weights_path, load_demo_model
 
 SEED = 0
-#: weight of the heatmap loss beside the classification loss
-HEATMAP_WEIGHT = 1.0
 #: pixel-labelled images per step (beside the batch of image-labelled ones)
 HEATMAP_BATCH = 4
 
@@ -53,7 +51,10 @@ class ClassifierTraining:
     """Adam at ``lr`` with cosine decay for ``steps`` batches of ``batch_size`` images.
 
     ``pixel_labels``: how many training lesion images come with their mask (0: none);
-    ``seed``: the run's seed; ``segmentation_only``: train on the masks alone (U-Net).
+    ``seed``: the run's seed; ``segmentation_only``: train on the masks alone (U-Net);
+    ``heatmap_weight``: weight of the heatmap loss beside the classification loss;
+    ``init_from``: start from that model's shipped weights (trained first) instead of a
+    random initialisation.
     """
 
     steps: int
@@ -62,13 +63,17 @@ class ClassifierTraining:
     pixel_labels: int = 0
     seed: int = SEED
     segmentation_only: bool = False
+    heatmap_weight: float = 1.0
+    init_from: str | None = None
 
 
 TRAINING: dict[str, ClassifierTraining] = {
     "lesion_cnn": ClassifierTraining(steps=400, batch_size=16, lr=2e-3),
     "tw_lesion": ClassifierTraining(steps=400, batch_size=16, lr=2e-3, seed=1),
-    "tw_lesion_px5": ClassifierTraining(steps=250, batch_size=16, lr=2e-3, pixel_labels=5),
-    "tw_lesion_px20": ClassifierTraining(steps=250, batch_size=16, lr=2e-3, pixel_labels=20),
+    "tw_lesion_px5": ClassifierTraining(steps=200, batch_size=16, lr=5e-4, pixel_labels=5, heatmap_weight=3e-4,
+                                        init_from="tw_lesion"),
+    "tw_lesion_px20": ClassifierTraining(steps=200, batch_size=16, lr=5e-4, pixel_labels=20, heatmap_weight=1e-3,
+                                         init_from="tw_lesion"),
     "unet_lesion_px5": ClassifierTraining(steps=300, batch_size=5, lr=3e-3, pixel_labels=5, segmentation_only=True),
     "unet_lesion_px20": ClassifierTraining(steps=300, batch_size=8, lr=3e-3, pixel_labels=20, segmentation_only=True),
 }
@@ -124,6 +129,8 @@ def train(name: str, train_set: LesionSet) -> tuple[torch.nn.Module, float]:
     brains = torch.from_numpy(train_set.brain_masks.astype(np.float32))[:, None]
     labelled = torch.from_numpy(labelled_positions(train_set, config.pixel_labels))
     network = DEMO_MODELS[name].build()
+    if config.init_from is not None:
+        network.load_state_dict(load_demo_model(config.init_from).network.state_dict())
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     dice_ce = DiceCELoss(sigmoid=True, batch=True)
@@ -143,7 +150,7 @@ def train(name: str, train_set: LesionSet) -> tuple[torch.nn.Module, float]:
                 x, y, brain = augment(images[few], masks[few], brains[few], gen)
                 with running_batch_norm(network):
                     maps = network.heatmaps(x)[1]
-                loss = loss + HEATMAP_WEIGHT * heatmap_loss(maps, y, brain)
+                loss = loss + config.heatmap_weight * heatmap_loss(maps, y, brain)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

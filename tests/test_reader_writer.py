@@ -20,7 +20,7 @@ def test_manifest_declares_reader_writer_samples_and_widget():
     import npe2
 
     contributions = npe2.PluginManifest.from_distribution("napari-pdcr").contributions
-    assert {s.key for s in contributions.sample_data} == {"colin27_slice", "colin27_volume"}
+    assert {s.key for s in contributions.sample_data} == {"colin27_slice", "colin27_volume", "lesion_slices"}
     assert "Region effects (ATE map)" in [w.display_name for w in contributions.widgets]
     assert contributions.readers[0].filename_patterns == ["*.zarr"]
     assert contributions.writers[0].filename_extensions == [".zarr"]

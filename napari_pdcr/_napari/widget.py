@@ -431,12 +431,20 @@ class RegionEffectsWidget(DockWidget):
             self.cost_label.setText(f"Time: estimated once the run is possible. {user_message(error)}")
             return
         worker = create_worker(cost_in_worker, job, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda text: self.cost_label.setText(f"Time: {text}."))
-        worker.errored.connect(lambda error: self.cost_label.setText(f"Time: no estimate. {user_message(error)}"))
+        # Bound methods of this widget, not lambdas: Qt drops these connections when the widget is
+        # deleted, so an estimate that ends after the viewer closed touches no deleted label.
+        worker.returned.connect(self._on_cost_returned)
+        worker.errored.connect(self._on_cost_errored)
         worker.finished.connect(self._on_cost_finished)
         self._cost_worker = worker
         self.cost_label.setText("Time: estimating…")
         worker.start()
+
+    def _on_cost_returned(self, text: str) -> None:
+        self.cost_label.setText(f"Time: {text}.")
+
+    def _on_cost_errored(self, error: Exception) -> None:
+        self.cost_label.setText(f"Time: no estimate. {user_message(error)}")
 
     def _on_cost_finished(self) -> None:
         self._cost_worker = None
