@@ -38,8 +38,6 @@ from napari_pdcr.models.demo import load_demo_model
 from napari_pdcr.outcomes import Outcome
 
 CLASSIFIERS = ["lesion_cnn", "tw_lesion", "tw_lesion_px5", "tw_lesion_px20"]
-#: region effects cost ~75 s a map here (192 blocks x 12 draws): only these classifiers, on the figure's 3 slices
-REGION_EFFECTS_CLASSIFIERS = ("lesion_cnn", "tw_lesion_px20")
 THRESHOLDS = {"otsu": "otsu", "q0.98": 0.98}
 LESION = 1  # the class explained
 PROBABILITY = Outcome("mean_probability", channel=LESION)
@@ -86,21 +84,13 @@ def segmentation_scores(masks: np.ndarray, truth: np.ndarray, labels: np.ndarray
 
 
 def run_methods(heldout, positions, figure_positions, bank) -> tuple[list[dict], dict]:
-    """One row per (classifier, method, image) and the maps of the first classifier for the figure.
-
-    Region effects run on :data:`REGION_EFFECTS_CLASSIFIERS` and ``figure_positions`` only.
-    """
+    """One row per (classifier, method, image) and the maps of the first classifier for the figure."""
     rows, figure_maps = [], {}
     for classifier in CLASSIFIERS:
         model = load_demo_model(classifier)
         for method_name, (method_class, options) in methods(bank).items():
-            explained = positions
-            if method_name == "region effects":
-                if classifier not in REGION_EFFECTS_CLASSIFIERS:
-                    continue
-                explained = figure_positions
             method = method_class(model, device="cpu", **options)
-            for position in explained:
+            for position in positions:
                 image, truth = heldout.images[position][None], heldout.lesion_masks[position] > 0
                 start = time.perf_counter()
                 explanation = method.attribute(image, None, truth)
@@ -116,7 +106,7 @@ def run_methods(heldout, positions, figure_positions, bank) -> tuple[list[dict],
                     if classifier == CLASSIFIERS[0] and label == "otsu":
                         figure_maps[method_name, int(position)] = (support_map(explanation), mask)
                 rows.append(row)
-            print(f"  {classifier:15s} {method_name:21s} {np.mean([r['seconds'] for r in rows[-len(explained):]]):6.2f} s/map",
+            print(f"  {classifier:15s} {method_name:21s} {np.mean([r['seconds'] for r in rows[-len(positions):]]):6.2f} s/map",
                   flush=True)
     return rows, figure_maps
 
@@ -188,7 +178,7 @@ def draw_figure(path: Path, heldout, positions, figure_maps, segmentations) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--maps", type=int, default=6, help="held-out lesion images explained per classifier")
+    parser.add_argument("--maps", type=int, default=16, help="held-out lesion images explained per classifier")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown results here")
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -202,7 +192,7 @@ def main() -> None:
     positions = positives[np.linspace(0, len(positives) - 1, args.maps).round().astype(int)]
 
     lines = [f"Held-out subject: {len(heldout)} images ({int(heldout.labels.sum())} with a lesion); "
-             f"maps on {args.maps} lesion images (region effects: 3, on {' and '.join(REGION_EFFECTS_CLASSIFIERS)}); {args.threads} torch thread(s), {platform.processor() or platform.machine()}.",
+             f"maps on {args.maps} lesion images; {args.threads} torch thread(s), {platform.processor() or platform.machine()}.",
              "", "## Classification accuracy (held-out subject)", "", "| classifier | accuracy |", "|---|---|"]
     for name in CLASSIFIERS:
         lines.append(f"| {name} | {accuracy(name, heldout.images, heldout.labels):.3f} |")
