@@ -45,7 +45,7 @@ from napari_pdcr.metrics.faithfulness import DIRECTIONS, RANDOM
 from napari_pdcr.models.demo import DEMO_MODELS, TEMPERATURE_SERIES, load_demo_model
 from napari_pdcr.regions import centered_box
 from napari_pdcr.samples import load_sample
-from napari_pdcr.studies.methods import METHODS
+from napari_pdcr.studies.methods import METHODS, methods_for
 
 #: every shipped demo model but the temperature series (unet2d retrained at other temperatures)
 MODELS = [name for name in DEMO_MODELS if name not in TEMPERATURE_SERIES]
@@ -82,7 +82,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--minutes-per-model", type=float, nargs="+", default=None,
                         help="start no new region of a model after this many wall minutes of it: one value, or one "
                         "per model (default: no limit)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"from {', '.join(METHODS)} (default: every one that explains the model)")
     parser.add_argument("--causal-mode", default="exact", choices=("exact", "fast"))
     parser.add_argument("--n-estimate", type=int, default=50, help="draws per block of region effects")
     parser.add_argument("--n-estimate-3d", type=int, default=None, help="the same in 3D (default --n-estimate)")
@@ -128,7 +129,7 @@ def build_methods(args, settings: dict, model, bank) -> list:
         "integrated_gradients": lambda: IntegratedGradients(model, n_steps=settings["ig_steps"], **common),
         "misure": lambda: MiSuRe(model, cell_size=block, n_iterations=settings["misure_iterations"], **common),
     }
-    return [built[name]() if name in built else name for name in args.methods]
+    return [built[name]() if name in built else name for name in args.methods or methods_for(model)]
 
 
 def main():

@@ -282,6 +282,15 @@ def test_lrp_refuses_segmentation_models_and_layers_without_a_rule():
         Lrp(SegmentationModel(network, 2, 1, activation="none", kind="classifier"))
 
 
+def test_lrp_is_offered_for_classifiers_only():
+    from napari_pdcr.studies.methods import METHODS, methods_for
+
+    classifier = SegmentationModel(small_cnn(), 2, 1, activation="none", kind="classifier")
+    segmenter = SegmentationModel(nn.Conv2d(1, 1, 3, padding=1), 2, 1)
+    assert methods_for(classifier) == list(METHODS) and "lrp" in METHODS
+    assert methods_for(segmenter) == [name for name in METHODS if name != "lrp"]
+
+
 # ---------------------------------------------------------------------- heatmap to segmentation
 def test_dice_iou_and_the_pointing_game_of_known_masks():
     mask, truth = np.zeros((4, 4), bool), np.zeros((4, 4), bool)

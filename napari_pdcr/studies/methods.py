@@ -23,6 +23,7 @@ from napari_pdcr.interventions import Blur
 from napari_pdcr.methods.base import Method
 from napari_pdcr.methods.gradient_x_input import GradientXInput
 from napari_pdcr.methods.integrated_gradients import IntegratedGradients
+from napari_pdcr.methods.lrp import Lrp
 from napari_pdcr.methods.misure import MiSuRe
 from napari_pdcr.methods.occlusion import Occlusion
 from napari_pdcr.methods.region_effects import RegionEffects
@@ -41,7 +42,15 @@ METHODS: dict[str, type[Method]] = {
     "occlusion": Occlusion,
     "rise": Rise,
     "misure": MiSuRe,
+    "lrp": Lrp,
 }
+#: the methods that explain classifiers only (their constructor refuses a segmentation model)
+CLASSIFIER_ONLY = ("lrp",)
+
+
+def methods_for(model) -> list[str]:
+    """The names of :data:`METHODS` that explain ``model`` (a loaded model): LRP for classifiers only."""
+    return [name for name in METHODS if model.is_classifier or name not in CLASSIFIER_ONLY]
 
 
 @dataclass
@@ -87,7 +96,7 @@ def iter_compare_methods(
     image = model_input(np.asarray(image, dtype=np.float32), model)
     bank_intervention, _ = patch_bank(model, image, bank, block_shape=block_shape, seed=seed)
     chosen = [build_method(m, model, bank_intervention, block_shape, seed, device) if isinstance(m, str) else m
-              for m in (methods if methods is not None else list(METHODS))]
+              for m in (methods if methods is not None else methods_for(model))]
     if not chosen:
         raise ValueError("give at least one method to compare")
     names = [m.name for m in chosen]
@@ -126,7 +135,7 @@ def compare_methods(model, image, target_region, methods: Sequence[str | Method]
         ``(C, *S)`` (or ``S``) raw image, bool ``S`` region, optional bool ``S`` reference.
     methods
         Names from :data:`METHODS` or :class:`~napari_pdcr.methods.Method` objects
-        (default: all). Region effects use a patch bank of other images and
+        (default: every one that explains the model, :func:`methods_for`). Region effects use a patch bank of other images and
         ``block_shape``; the gradient methods the default bottleneck layer.
     block_shape, bank, n_steps, n_random, seed, device
         The block grid of region effects, occlusion and the curves; the patch-bank
