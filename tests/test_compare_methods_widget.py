@@ -84,6 +84,12 @@ def test_compare_methods_shows_the_maps_in_a_grid_and_the_curves(widget, qtbot):
     assert [row["method"] for row in comparison.table] == [*comparison.maps, RANDOM]
     assert widget.compare_button.isEnabled() and widget.run_button.isEnabled()
 
+    # one grid cell per method and no other: the painted region is hidden like the image (each cell has both)
+    grid, layers = viewer.canvas.grid, viewer.layers
+    cells_shown = {grid.position(i, layers) for i, layer in enumerate(layers) if layer.visible}
+    assert len(cells_shown) == len(comparison.maps), cells_shown
+    assert not viewer.layers["target region"].visible
+
     qtbot.wait(500)
     shot = viewer.screenshot(canvas_only=True, flash=False)
     rgb = shot[..., :3].astype(int)

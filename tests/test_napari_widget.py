@@ -125,6 +125,7 @@ def test_paint_run_to_completion(viewer_2d, qtbot, tmp_path):
         shown["end"] = time.perf_counter()
 
     widget._on_returned = timed_show_result
+    qtbot.waitUntil(lambda: not widget.preloading, timeout=10_000)  # the dock's one-off set-up, done before a person has painted
     qtbot.wait(300)  # let the viewer draw the painted region first, as a user would see it before Run
     limit, why = stall_limit()
     meter = StallMeter()

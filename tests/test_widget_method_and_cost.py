@@ -88,6 +88,7 @@ def test_method_chooser_runs_a_baseline_with_the_one_colour_convention(viewer_2d
     widget.show_prediction.setChecked(False)
     widget.run()
     wait_for_run(qtbot, widget)
+    assert widget.cost_label.text() == ""  # the estimate made before the run is stale once it has run
     explanation = widget.result
     assert isinstance(explanation, AttributionMap) and explanation.method == "seg_grad_cam"
     layer = viewer_2d.layers["unet2d seg_grad_cam: target region"]

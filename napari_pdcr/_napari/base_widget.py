@@ -98,8 +98,36 @@ def result_layers(explanation, **options) -> list[tuple[Layer, bool]]:
     """
     made = []
     for data, kwargs, kind in explanation_layer_data(explanation, **options):
-        made.append((Layer.create(data, {**kwargs, "visible": False}, kind), kwargs.get("visible", True)))
+        layer = Layer.create(data, {**kwargs, "visible": False}, kind)
+        if isinstance(layer, Labels):
+            defer_paint_overlays(layer)
+        made.append((layer, kwargs.get("visible", True)))
     return made
+
+
+#: napari's overlays of a Labels layer that show painting (polygon, brush stroke); a result's outline is not painted.
+PAINT_OVERLAYS = ("polygon", "brush_stroke")
+#: Labels modes that use them.
+PAINT_MODES = ("paint", "polygon")
+
+
+def defer_paint_overlays(layer: Labels) -> None:
+    """Hide the painting overlays of a result's Labels ``layer`` until it is put in a painting mode.
+
+    napari makes the visual of every shown overlay when a layer is added (~50 ms of the
+    GUI thread for these two with software OpenGL); an outline or hatching is looked at,
+    rarely painted. Uses napari's ``Layer._overlays``; a layer without them is left alone.
+    """
+    overlays = [layer._overlays[name] for name in PAINT_OVERLAYS if name in getattr(layer, "_overlays", {})]
+    for overlay in overlays:
+        overlay.visible = False
+
+    def restore(event) -> None:
+        if event.mode in PAINT_MODES:
+            for overlay in overlays:
+                overlay.visible = True
+
+    layer.events.mode.connect(restore)
 
 
 def add_without_selecting(viewer, layer: Layer) -> Layer:
@@ -133,7 +161,7 @@ def in_turns(steps) -> None:
 TICK_CHARACTERS = "0123456789.-+e" + " ÅÉÑŐjgpqy"
 
 
-def preload_tick_glyphs(viewer) -> None:
+def preload_tick_glyphs(viewer, then=None) -> None:
     """Render the colour bar's tick glyphs now, one per event-loop turn, and upload them.
 
     napari renders each glyph of its canvas font on first use (~10-25 ms each, on the GUI
@@ -141,19 +169,21 @@ def preload_tick_glyphs(viewer) -> None:
     it (one texture update per glyph); the first ATE map's colour bar would otherwise pay
     for both in one frame at the end of a run. The upload is done by drawing the glyphs
     once in napari's text overlay (same font), fully transparent, then restoring the
-    overlay. Needs napari's Qt canvas (``window._qt_viewer``); a viewer without one is
-    left alone.
+    overlay. ``then()`` runs after the last step. Needs napari's Qt canvas
+    (``window._qt_viewer``); a viewer without one is left alone (``then()`` at once).
     """
     viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a public-only proxy
     canvas = getattr(getattr(getattr(viewer, "window", None), "_qt_viewer", None), "canvas", None)
     if not hasattr(canvas, "font_info"):
+        if then is not None:
+            then()
         return
     font_info = canvas.font_info()
     font = font_info.font_manager.get_font(font_info.face)
     keep_kernel_on_gpu(font)
     overlay = viewer.text_overlay
     in_turns([*(partial(font.__getitem__, character) for character in TICK_CHARACTERS),
-              partial(draw_transparently, overlay, TICK_CHARACTERS)])
+              partial(draw_transparently, overlay, TICK_CHARACTERS), *([then] if then is not None else [])])
 
 
 def keep_kernel_on_gpu(font) -> None:
@@ -179,6 +209,16 @@ def draw_transparently(text_overlay, text: str) -> None:
     saved = {"text": text_overlay.text, "color": text_overlay.color}
     text_overlay.update({"text": text, "color": (0.0, 0.0, 0.0, 0.0), "visible": True})
     in_turns([partial(text_overlay.update, {**saved, "visible": False})])
+
+
+def make_colorbar_visual(layer: Layer) -> None:
+    """Have napari make the vispy visual of a hidden ``layer``'s colour bar now, leaving the bar hidden.
+
+    napari makes a layer overlay's visual when the overlay is first shown (~0.1 s), and
+    draws nothing of a hidden layer; showing the bar later costs only its ticks and first draw.
+    """
+    layer.colorbar.visible = True
+    layer.colorbar.visible = False
 
 
 def finish_in_worker(job, *steps):
@@ -514,7 +554,8 @@ class DockWidget(BackgroundRun, QWidget):
         # full passes, which would otherwise take ~0.5 s on the GUI thread after a run.
         gc.collect()
         gc.freeze()
-        preload_tick_glyphs(self.viewer)
+        self.preloading = True  #: the colour bar's glyphs are being prepared (a one-off, on docking)
+        preload_tick_glyphs(self.viewer, then=partial(setattr, self, "preloading", False))
 
     def _results_page(self) -> QWidget:
         page = QWidget()
@@ -528,7 +569,13 @@ class DockWidget(BackgroundRun, QWidget):
         self.save_button.setToolTip("Save the latest result (with its parameters and provenance).")
         self.save_button.setEnabled(False)
         self.save_button.clicked.connect(lambda: self.save_result())
-        layout.addWidget(self.save_button)
+        self.open_button = QPushButton("Open result…")
+        self.open_button.setToolTip("Open a saved napari-pdcr result (a .zarr folder) with this plugin's reader.")
+        self.open_button.clicked.connect(lambda: self.open_result())
+        row = QHBoxLayout()
+        row.addWidget(self.save_button)
+        row.addWidget(self.open_button)
+        layout.addLayout(row)
         self.plot = EffectPlots()
         layout.addWidget(self.plot)
         layout.addStretch(1)
@@ -739,16 +786,21 @@ class DockWidget(BackgroundRun, QWidget):
         event-loop turns.
 
         ``before`` (callables, e.g. removing the previous result's layers) run first, each
-        in its turn. Each layer goes in hidden (its visual and controls are made), is shown
-        in the next turn (its first draw), and a signed map's colour bar comes in the turn
-        after (it makes and draws its ticks and labels); ``then()`` runs last. See :func:`in_turns`.
+        in its turn. Each layer goes in hidden (its visual and controls are made); a signed
+        map's colour-bar visual is made in the next turn (:func:`make_colorbar_visual`),
+        the layer is shown in the turn after (its first draw), and its colour bar in the
+        last (its ticks and first draw): no two of napari's costly steps (70-150 ms each
+        with software OpenGL) fall in one turn. ``then()`` runs last. See :func:`in_turns`.
         """
         steps = list(before)
         for layer, shown in layers:
             steps.append(partial(add_without_selecting, self.viewer, layer))
+            signed_map = layer.metadata[METADATA_KEY]["role"] in MAP_ROLES
+            if signed_map:
+                steps.append(partial(make_colorbar_visual, layer))
             if shown:
                 steps.append(partial(setattr, layer, "visible", True))
-            if layer.metadata[METADATA_KEY]["role"] in MAP_ROLES:
+            if signed_map:
                 steps.append(partial(self.show_colorbar, layer))
         in_turns([*steps, then] if then is not None else steps)
 
@@ -789,6 +841,28 @@ class DockWidget(BackgroundRun, QWidget):
         logger.error("napari-pdcr run failed", exc_info=(type(error), error, error.__traceback__))
         self.progress.setFormat("failed")
         self.report_error(error)
+
+    def open_result(self, path: str | Path | None = None) -> list[Layer]:
+        """Open a saved result store (asks for its folder when no ``path`` is given) with the napari-pdcr
+        reader; returns the layers added (none after an error, which is notified).
+
+        napari's ``viewer.open(path)`` tries only napari's own reader unless a plugin is named
+        (see docs/user_guide.md), and File > Open asks which reader: this opens in one step.
+        """
+        from napari_pdcr._napari.reader import get_reader
+
+        if path is None:
+            path = QFileDialog.getExistingDirectory(self, "Open a napari-pdcr result (.zarr folder)")
+            if not path:
+                return []
+        if get_reader(str(path)) is None:
+            show_error(f"Choose a result store saved by napari-pdcr (a .zarr folder): {path} is not one.")
+            return []
+        try:
+            return self.viewer.open(str(path), plugin="napari-pdcr")
+        except Exception as error:  # napari wraps the reader's error; its cause is the user sentence
+            show_error(user_message(error.__cause__ or error))
+            return []
 
     def save_result(self, path: str | Path | None = None) -> Path | None:
         """Save the latest result (asks for a path when none is given); returns the path written."""

@@ -75,6 +75,8 @@ METHOD_CHOICES = {
     "occlusion": ("Occlusion", "Each block zeroed once: the published ablation, one draw."),
     "rise": ("RISE", "Random masks weighted by the region score (slow: many masks)."),
     "misure": ("MiSuRe", "Minimal sufficient region: dilate, then a sparse smooth mask that keeps the Dice."),
+    "lrp": ("LRP (classifiers)", "Layer-wise relevance propagation, epsilon rule, of the chosen class's logit "
+            "(classifiers only)."),
 }
 #: Ticked by default: the causal map and the two fast gradient baselines.
 DEFAULT_COMPARED = ("region_effects", "seg_grad_cam", "gradient_x_input")
@@ -446,6 +448,11 @@ class RegionEffectsWidget(DockWidget):
     def _on_cost_errored(self, error: Exception) -> None:
         self.cost_label.setText(f"Time: no estimate. {user_message(error)}")
 
+    def _on_finished(self) -> None:
+        """After a run the estimate before it is stale: clear it (a changed setting estimates again)."""
+        super()._on_finished()
+        self.cost_label.setText("")
+
     def _on_cost_finished(self) -> None:
         self._cost_worker = None
         if self._cost_stale:
@@ -618,6 +625,9 @@ class RegionEffectsWidget(DockWidget):
         image_layer = self.viewer.layers[image_name] if image_name in self.viewer.layers else None
         if image_layer is not None:
             image_layer.visible = False  # every grid cell has its own copy under the map
+        region = self.region_labels.layer() if self.region_kind.currentText() == "labels" else self.region_shapes.layer()
+        if region is not None:
+            region.visible = False  # every cell has its outline; shown, it would fill a grid cell of its own
         show_method_comparison(self.viewer, comparison, image_layer)
         self.comparison_summary.setText(self.comparison_text(comparison))
         self.comparison_plot.show_figure(figure, self.devicePixelRatioF())
