@@ -13,9 +13,10 @@ a 16x16 region, and runs, interleaved and ``--repeats`` times each:
 - ``widget``: the dock widget's Run (worker thread, progress, result layers and plots on
   the GUI thread), timed from pressing Run until the result is shown.
 
-A second child, ``--baseline``, does the same with the plugin's thread settings undone
-(torch imported before the plugin, so OpenMP keeps its default spin-waiting, and all
-cores for the worker): what the widget did before.
+``--baseline`` adds two children with other worker thread settings (:data:`VARIANTS`):
+every core for the worker with the plugin's passive OpenMP wait, and what the widget did
+before (torch imported before the plugin, so OpenMP keeps its default spin-waiting, and
+every core).
 
 Both paths compute the same map (checked: identical ATE arrays). Prints one table row
 per child: median wall times, the ratio widget / console and the longest event-loop
@@ -42,10 +43,19 @@ RUN = {"block_size": 8, "n_screen": 3, "n_estimate": 20, "seed": 0}
 REGION = (slice(60, 76), slice(40, 56))  # 16x16 px of left frontal cortex
 
 
-def child(repeats: int, baseline: bool, run: dict) -> dict:
+#: the widget's thread settings compared: label and (default OpenMP wait, every core for the worker)
+VARIANTS = {
+    "plugin": ("plugin's (passive wait, cores - 1)", False, False),
+    "all-cores": ("passive wait, every core", False, True),
+    "baseline": ("before: OpenMP default wait, every core", True, True),
+}
+
+
+def child(repeats: int, variant: str, run: dict) -> dict:
     """Runs in the child process: the console and the widget runs, interleaved."""
     import napari  # first, as when napari starts and then loads the plugin
 
+    _, baseline, all_cores = VARIANTS[variant]
     if baseline:
         import torch  # noqa: F401 - imported before the plugin: OpenMP keeps its default wait policy
 
@@ -54,11 +64,13 @@ def child(repeats: int, baseline: bool, run: dict) -> dict:
     from qtpy.QtWidgets import QApplication
 
     import napari_pdcr._napari.base_widget as base_widget
+    import napari_pdcr._napari.widget as region_widget
+    import napari_pdcr.models.devices as devices
     from napari_pdcr.console import explain
-    from napari_pdcr.models.devices import cpu_cores
 
-    if baseline:
-        base_widget.worker_cpu_threads = cpu_cores  # every core for the worker, none left for the GUI
+    if all_cores:  # every core for the worker, none left for the GUI (every binding of the name)
+        for module in (base_widget, region_widget, devices):
+            module.worker_cpu_threads = devices.cpu_cores
     import torch
 
     viewer = napari.Viewer(show=True)
@@ -117,11 +129,11 @@ def child(repeats: int, baseline: bool, run: dict) -> dict:
     }
 
 
-def run_child(repeats: int, baseline: bool, run: dict) -> dict:
+def run_child(repeats: int, variant: str, run: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
     env.setdefault("QT_API", "pyqt6")
     command = [sys.executable, __file__, "--child", "--repeats", str(repeats), "--block-size", str(run["block_size"]),
-               "--n-estimate", str(run["n_estimate"])] + (["--baseline"] if baseline else [])
+               "--n-estimate", str(run["n_estimate"]), "--variant", variant]
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if output.returncode:
         sys.exit(f"the child failed:\n{output.stderr[-4000:]}")
@@ -131,24 +143,26 @@ def run_child(repeats: int, baseline: bool, run: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--baseline", action="store_true", help="also run with the plugin's thread settings undone")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run with every core for the worker, with and without the plugin's passive wait")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="plugin", help=argparse.SUPPRESS)
     parser.add_argument("--block-size", type=int, default=RUN["block_size"])
     parser.add_argument("--n-estimate", type=int, default=RUN["n_estimate"])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = {**RUN, "block_size": args.block_size, "n_estimate": args.n_estimate}
     if args.child:
-        print(json.dumps(child(args.repeats, args.baseline, run)))
+        print(json.dumps(child(args.repeats, args.variant, run)))
         return
     import statistics
 
     print(f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; run: {run}, 2D sample, natural patches")
     print("| widget settings | console (s) | widget (s) | widget / console | longest stall (ms) |")
     print("|---|---|---|---|---|")
-    for baseline in ([False, True] if args.baseline else [False]):
-        result = run_child(args.repeats, baseline, run)
+    for variant in (list(VARIANTS) if args.baseline else ["plugin"]):
+        result = run_child(args.repeats, variant, run)
         console, widget = statistics.median(result["console_s"]), statistics.median(result["widget_s"])
-        what = "before: OpenMP default wait, all cores" if baseline else "plugin's (passive wait, cores - 1)"
+        what = VARIANTS[variant][0]
         print(
             f"| {what} | {console:.1f} | {widget:.1f} | {widget / console:.2f}x | "
             f"{1000 * max(result['stall_s']):.0f} |"
