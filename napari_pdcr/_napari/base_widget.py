@@ -233,6 +233,11 @@ def finish_in_worker(job, *steps):
         return (result, *(step(result) for step in steps))
 
 
+def result_and_figure(figure_step, result):
+    """Worker body of :meth:`DockWidget.show_result`: ``(result, figure_step(result))``."""
+    return result, figure_step(result)
+
+
 def plot_theme(viewer) -> dict:
     """The viewer's theme colours for matplotlib (napari-matplotlib's conventions): background, text, axes."""
     theme = get_theme(viewer.theme)
@@ -813,11 +818,17 @@ class DockWidget(BackgroundRun, QWidget):
         """Show a result made elsewhere (a reopened store, the console): plots drawn in a thread, then shown."""
         self.result = result
         self.summary.setText(self.summary_text(result))
-        worker = create_worker(self.figure_step(), result, _start_thread=False)
-        worker.returned.connect(lambda figure: self.present(result, self.summary_text(result), figure)
-                                if self.result is result else None)
+        worker = create_worker(result_and_figure, self.figure_step(), result, _start_thread=False)
+        # a bound method, not a lambda: Qt drops the connection when the dock is deleted first
+        worker.returned.connect(self._on_figure_drawn)
         self._plot_worker = worker  # kept alive until it returns
         worker.start()
+
+    def _on_figure_drawn(self, result_figure) -> None:
+        """Show the figure :meth:`show_result` drew, unless another result came meanwhile."""
+        result, figure = result_figure
+        if self.result is result:
+            self.present(result, self.summary_text(result), figure)
 
     def present(self, result, summary: str, figure) -> None:
         """Make ``result`` the latest: show its summary and plot (a drawn Figure; None: no plot) in the Results tab."""
