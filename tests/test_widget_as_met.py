@@ -193,3 +193,23 @@ def test_colorbar_second_run_hides_first_and_reopen_restores_plots(viewer_2d, ma
     np.testing.assert_array_equal(reopened.result.ate, widget.result.ate)
     assert fresh.layers["unet2d ATE: target region"].colorbar.visible
     assert reopened.save_button.isEnabled()
+
+
+def test_progress_reports_are_coalesced_while_a_run_goes(viewer_2d, qtbot):
+    """One progress-bar update per PROGRESS_INTERVAL_MS (each repaints synchronously, holding the GIL)."""
+    from napari_pdcr._napari.runner import PROGRESS_INTERVAL_MS
+
+    widget = dock(viewer_2d)
+    widget.worker = object()  # a run is going (only its presence is read)
+    updates = []
+    widget.progress.valueChanged.connect(updates.append)
+    for done in range(1, 101):  # 100 reports at once, as batches of a fast model arrive
+        widget._on_progress(Progress("estimate", done, 100, done, 1.0))
+    assert updates == [10]  # the first is shown at once, the rest wait
+    qtbot.waitUntil(lambda: len(updates) > 1, timeout=5 * PROGRESS_INTERVAL_MS)
+    assert updates == [10, 1000]  # then the latest one only
+    assert widget.progress.format().startswith("stage 3 of 3, estimate: 100/100")
+    widget._on_progress(Progress("estimate", 50, 100, 50, 1.0))
+    widget.worker = None  # the run ends before the interval does: its last report is not shown over the end
+    qtbot.wait(2 * PROGRESS_INTERVAL_MS + 100)
+    assert updates == [10, 1000]
