@@ -225,7 +225,7 @@ def finish_in_worker(job, *steps):
     """Worker body: the job's progress, then ``(result, *(step(result) for step in steps))``.
 
     The model runs with :func:`~napari_pdcr.models.devices.worker_cpu_threads` PyTorch
-    threads (a core stays free for napari's event loop); the steps (building layer
+    threads (every core; OpenMP waits passively); the steps (building layer
     arrays, drawing plots) run here too, off the GUI thread.
     """
     with torch_threads(worker_cpu_threads()):

@@ -84,8 +84,14 @@ def cpu_cores() -> int:
 
 
 def worker_cpu_threads() -> int:
-    """PyTorch threads for a run beside a GUI: every core but one, which stays free for the event loop."""
-    return max(1, cpu_cores() - 1)
+    """PyTorch threads for a run beside a GUI: every core.
+
+    Measured on 2 cores (``benchmarks/bench_widget_vs_console.py``, docs/benchmarks.md):
+    with OpenMP's passive wait (set by the plugin) a worker on every core kept the longest
+    event-loop stall where one core left free did (about 150 ms), and ran 1.12x the
+    console's time against 1.30x with one thread.
+    """
+    return cpu_cores()
 
 
 @contextmanager
