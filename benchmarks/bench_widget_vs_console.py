@@ -147,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--baseline", action="store_true",
-                        help="also run with every core for the worker, with and without the plugin's passive wait")
+                        help="also run with one core left free for the GUI, and with OpenMP's default spin-wait")
     parser.add_argument("--variant", choices=list(VARIANTS), default="plugin", help=argparse.SUPPRESS)
     parser.add_argument("--block-size", type=int, default=RUN["block_size"])
     parser.add_argument("--n-estimate", type=int, default=RUN["n_estimate"])

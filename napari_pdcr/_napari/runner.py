@@ -87,7 +87,7 @@ class BackgroundRun:
             self._show_pending_progress()
 
     def _show_pending_progress(self) -> None:
-        progress, self._pending_progress = getattr(self, "_pending_progress", None), None
+        progress, self._pending_progress = self._pending_progress, None
         if progress is None or self.worker is None:  # nothing new, or the run has ended meanwhile
             return
         self.progress.setValue(int(1000 * progress.fraction))
