@@ -25,6 +25,17 @@ OutcomeKind = Literal["dice", "soft_dice", "mean_probability", "mean_logit"]
 OUTCOME_KINDS: tuple[str, ...] = ("dice", "soft_dice", "mean_probability", "mean_logit")
 
 
+#: Units of each outcome kind's values and effects (Dice and probabilities are in percent).
+OUTCOME_UNITS = {"dice": "Dice points", "soft_dice": "soft-Dice points", "mean_probability": "probability points",
+                 "mean_logit": "logits"}
+
+
+def outcome_unit(parameters: dict) -> str:
+    """The unit of a result's effects, from its ``parameters["outcome"]["kind"]`` ("outcome units" if unknown)."""
+    kind = (parameters.get("outcome") or {}).get("kind", "")
+    return OUTCOME_UNITS.get(kind, "outcome units")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a model's output in the target region becomes one number.

@@ -77,6 +77,7 @@ def test_compare_methods_shows_the_maps_in_a_grid_and_the_curves(widget, qtbot):
     # the Results tab: summary, and a figure of curves and the AUC table
     assert widget.tabs.currentIndex() == 1
     assert "Compared 3 methods" in widget.comparison_summary.text()
+    assert "No result yet" not in widget.summary.text() and "Method comparison below" in widget.summary.text()
     assert widget.comparison_plot.image is not None
     figure = widget.comparison_plot.figure
     legend_texts = [t.get_text() for t in figure.axes[1].get_legend().get_texts()]

@@ -9,11 +9,13 @@ from napari.components import ViewerModel
 from napari_pdcr._napari.layers import (
     EFFECT_COLORMAP_NAME,
     METADATA_KEY,
+    VOLUME_ALPHA,
+    VOLUME_SUFFIX,
     effect_colormap,
     explanation_from_layer,
     outline,
 )
-from napari_pdcr._napari.viewer import add_to_viewer
+from napari_pdcr._napari.viewer import add_to_viewer, view_in_3d
 from napari_pdcr.engine.estimator import NodeStatus
 from napari_pdcr.explanations.region import RegionExplanation
 
@@ -115,6 +117,57 @@ def test_all_zero_map_gets_valid_limits_and_3d_rendering():
     assert ate.rendering == "translucent"  # not 'mip', which would hide negative effects
 
 
+def test_volume_colormap_opacity_grows_with_the_effect():
+    """In 3D every sample composites over those behind it: weak effects must stay see-through."""
+    cmap = effect_colormap(volume=True)
+    assert cmap.name == EFFECT_COLORMAP_NAME + VOLUME_SUFFIX
+    positions = np.linspace(0, 1, 201)
+    rgba = cmap.map(positions)
+    alpha = rgba[:, 3]
+    assert alpha[100] == 0 and (alpha[(positions > 0.495) & (positions < 0.505)] == 0).all()
+    assert alpha[0] == pytest.approx(VOLUME_ALPHA) and alpha[-1] == pytest.approx(VOLUME_ALPHA)
+    assert (np.diff(alpha[:100]) <= 1e-6).all() and (np.diff(alpha[101:]) >= -1e-6).all()  # grows with |effect|
+    assert alpha[75] < 0.6 * VOLUME_ALPHA  # half the limit: about half the opacity, not the 2D map's 0.6-1.0
+    assert rgba[0, 0] > 2 * rgba[0, 2] and rgba[-1, 2] > 2 * rgba[-1, 0]  # the same hues as in 2D
+    flipped = effect_colormap(flipped=True, volume=True).map(np.array([0.0]))[0]
+    assert flipped[2] > 2 * flipped[0]
+
+
+def test_maps_take_the_3d_colormap_in_3d_rendering_and_back():
+    viewer = ViewerModel()
+    explanation = make_explanation(spatial=(16, 24, 20), block=8, spacing=(1.0,) * 3)
+    ate = add_to_viewer(viewer, explanation, show_prediction=False)[0]
+    assert ate.colormap.name == EFFECT_COLORMAP_NAME
+    viewer.dims.ndisplay = 3  # napari's own 2D/3D button does this
+    assert ate.colormap.name == EFFECT_COLORMAP_NAME + VOLUME_SUFFIX
+    later = add_to_viewer(viewer, explanation, name="later", show_prediction=False)[0]  # added while in 3D
+    assert later.colormap.name == EFFECT_COLORMAP_NAME + VOLUME_SUFFIX
+    viewer.dims.ndisplay = 2
+    assert ate.colormap.name == later.colormap.name == EFFECT_COLORMAP_NAME
+
+
+def test_view_in_3d_shows_planes_through_the_region_and_the_outline_over_the_map():
+    viewer = ViewerModel()
+    explanation = make_explanation(spatial=(16, 24, 20), block=8, spacing=(1.0,) * 3)
+    image = viewer.add_image(np.zeros((16, 24, 20), np.float32), name="img")
+    other = viewer.add_image(np.zeros((5, 5, 5), np.float32), name="other")  # not the explained image
+    ate, prediction, target = add_to_viewer(viewer, explanation, show_prediction=True, show_target_region=True)
+    view_in_3d(viewer, explanation)
+    assert viewer.dims.ndisplay == 3
+    centre = [float(np.mean(axis)) for axis in np.nonzero(explanation.target_region)]
+    for layer in (image, prediction):
+        assert layer.depiction == "plane"
+        np.testing.assert_allclose(layer.plane.position, centre)
+        np.testing.assert_allclose(layer.plane.normal, (1, 0, 0))
+    assert other.depiction == "volume" and ate.depiction == "volume"
+    assert target.blending == prediction.blending == "translucent_no_depth"
+    assert ate.colormap.name == EFFECT_COLORMAP_NAME + VOLUME_SUFFIX
+    box = np.nonzero(explanation.target_region | (explanation.ate != 0))
+    assert all(axis.min() <= c <= axis.max() + 1 for axis, c in zip(box, viewer.camera.center, strict=True))
+    with pytest.raises(ValueError, match="2D"):
+        view_in_3d(viewer, make_explanation())
+
+
 def test_outline_is_in_plane_border():
     mask = np.zeros((3, 9, 9), bool)
     mask[:, 2:7, 2:7] = True
@@ -137,3 +190,23 @@ def test_rendered_map_shows_red_and_blue(make_napari_viewer, tmp_path):
     red = (rgb[..., 0] > rgb[..., 2] + 60).sum()
     blue = (rgb[..., 2] > rgb[..., 0] + 60).sum()
     assert red > 100 and blue > 100, (red, blue)
+
+
+@pytest.mark.gui
+def test_3d_view_shows_the_region_the_map_and_the_anatomy(make_napari_viewer, tmp_path):
+    """Screenshot of the 3D view: the target region (lime), the map (red) and the image plane (grey) all show."""
+    from imageio.v3 import imwrite
+
+    viewer = make_napari_viewer(show=True)
+    explanation = make_explanation(spatial=(32, 32, 32), block=8, spacing=(1.0,) * 3)
+    explanation.block_effects[1:3, 1:3, 1:3] = -6.0  # strong blocks around the centred region
+    image = viewer.add_image(np.full((32, 32, 32), 0.5, np.float32), colormap="gray", contrast_limits=(0, 1))
+    add_to_viewer(viewer, explanation, source_layer=image, show_prediction=True, show_target_region=True)
+    view_in_3d(viewer, explanation)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    imwrite(tmp_path / "view_3d.png", shot)
+    rgb = shot[..., :3].astype(int)
+    lime = ((rgb[..., 1] > 150) & (rgb[..., 0] < 120) & (rgb[..., 2] < 120)).sum()
+    red = ((rgb[..., 0] > rgb[..., 2] + 40) & (rgb[..., 0] > rgb[..., 1] + 40)).sum()
+    grey = ((np.ptp(rgb, axis=-1) < 12) & (rgb[..., 0] > 60)).sum()
+    assert lime > 50 and red > 200 and grey > 200, (lime, red, grey)

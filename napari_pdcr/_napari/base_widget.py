@@ -42,9 +42,15 @@ from qtpy.QtWidgets import (
 
 from napari_pdcr._napari import inputs
 from napari_pdcr._napari.inputs import image_spatial_shape, layer_geometry, region_mask
-from napari_pdcr._napari.layers import METADATA_KEY, explanation_from_layer, explanation_layer_data
+from napari_pdcr._napari.layers import (
+    MAP_ROLES,
+    METADATA_KEY,
+    explanation_from_layer,
+    explanation_layer_data,
+)
 from napari_pdcr._napari.plots import EffectPlots
 from napari_pdcr._napari.runner import BackgroundRun
+from napari_pdcr._napari.viewer import follow_ndisplay
 from napari_pdcr.jobs import demo_model_dims
 from napari_pdcr.models.base import SegmentationModel
 from napari_pdcr.models.demo import demo_model_names
@@ -68,8 +74,6 @@ PAINT_REGION = "target region (to paint)"
 REGION_COLOR = "lime"
 #: Delay (ms) that puts a step in a later event-loop turn, after pending paints and other timers.
 TURN_MS = 30
-#: Roles (``layer.metadata["napari_pdcr"]["role"]``) of the signed maps, which get a colour bar.
-MAP_ROLES = ("ate", "attribution")
 #: Margin (px) around the Results page's summary and plots.
 PAGE_MARGIN_PX = 8
 #: Exceptions whose message is written for users (shown as is, without a traceback).
@@ -546,6 +550,7 @@ class DockWidget(BackgroundRun, QWidget):
             layer.events.name.connect(self._refresh_layers)
         self.viewer.layers.events.inserted.connect(self._watch_name)
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        follow_ndisplay(self.viewer)  # maps get their 3D colormap in 3D rendering
         self._on_model_changed(self.model_choice.currentText())
         self._on_image_changed(self.image_choice.currentText())
         self._on_intervention_changed(self.intervention.currentText())

@@ -43,12 +43,24 @@ METADATA_KEY = "napari_pdcr"
 #: Name of the ATE colormap (the RdBu colours with a transparent centre), and of its flipped twin.
 EFFECT_COLORMAP_NAME = "pdcr effect (RdBu)"
 FLIPPED_COLORMAP_NAME = "pdcr effect flipped (BuRd)"
+#: Suffix of the names of the colormaps for 3D rendering (``effect_colormap(volume=True)``).
+VOLUME_SUFFIX = " 3D"
+#: Opacity of one sample of a 3D map at the contrast limit (``effect_colormap(volume=True)``).
+VOLUME_ALPHA = 0.8
+#: Roles (``layer.metadata["napari_pdcr"]["role"]``) of the signed maps (colour bar; 3D colormap).
+MAP_ROLES = ("ate", "attribution")
 
 
-def effect_colormap(flipped: bool = False) -> Colormap:
+def effect_colormap(flipped: bool = False, volume: bool = False) -> Colormap:
     """Diverging colormap for ATE maps: -m red, 0 transparent, +m blue (the plots' ``RdBu`` colours).
 
     ``flipped``: +m red, -m blue, for maps whose positive values support the region.
+    ``volume``: for 3D rendering, the opacity grows with |value|, from 0 next to the
+    transparent centre to :data:`VOLUME_ALPHA` at the limit. napari's translucent volume
+    rendering composites every sample along a ray over those behind it, so the 2D
+    colormap's 0.6-1.0 opacity is opaque after 2-3 voxels and a map of blocks shows only
+    the outer faces of its blocks (flat rectangles hiding the region); with the ramp weak
+    blocks stay see-through and strong ones stand out.
 
     The published figures colour negative effects (the block supported the outcome) red
     and positive ones blue. Zero is fully transparent so that the image shows through
@@ -61,16 +73,22 @@ def effect_colormap(flipped: bool = False) -> Colormap:
     # point would still give zero a visible alpha (a grey fog in 3D volume rendering).
     controls = [0.0, 0.49, 0.495, 0.505, 0.51, 1.0]
     colors = [NEGATIVE_COLOR, NEGATIVE_LIGHT, CENTRE_COLOR, CENTRE_COLOR, POSITIVE_LIGHT, POSITIVE_COLOR]
-    alphas = [1.0, 0.6, 0.0, 0.0, 0.6, 1.0]
+    if volume:  # linear in |value| outside the transparent plateau (|0.49 - 0.5| / 0.5 = 0.02)
+        alphas = [VOLUME_ALPHA, 0.02 * VOLUME_ALPHA, 0.0, 0.0, 0.02 * VOLUME_ALPHA, VOLUME_ALPHA]
+    else:
+        alphas = [1.0, 0.6, 0.0, 0.0, 0.6, 1.0]
     rgba = [to_rgba(c, a) for c, a in zip(colors, alphas, strict=True)]
+    suffix = VOLUME_SUFFIX if volume else ""
     if flipped:
-        return Colormap(colors=rgba[::-1], controls=controls, name=FLIPPED_COLORMAP_NAME)
-    return Colormap(colors=rgba, controls=controls, name=EFFECT_COLORMAP_NAME)
+        return Colormap(colors=rgba[::-1], controls=controls, name=FLIPPED_COLORMAP_NAME + suffix)
+    return Colormap(colors=rgba, controls=controls, name=EFFECT_COLORMAP_NAME + suffix)
 
 
-def supporting_red_colormap(explanation: Explanation) -> Colormap:
-    """The effect colormap that shows ``explanation``'s supporting sign red (flipped for positive-supports maps)."""
-    return effect_colormap(flipped=isinstance(explanation, AttributionMap) and explanation.sign == POSITIVE_SUPPORTS)
+def supporting_red_colormap(explanation: Explanation, volume: bool = False) -> Colormap:
+    """The effect colormap that shows ``explanation``'s supporting sign red (flipped for positive-supports maps);
+    ``volume``: its 3D-rendering variant."""
+    return effect_colormap(flipped=isinstance(explanation, AttributionMap) and explanation.sign == POSITIVE_SUPPORTS,
+                           volume=volume)
 
 
 def default_name(explanation: Explanation) -> str:

@@ -8,6 +8,7 @@ reaches :func:`add_to_viewer` lazily, so the core never imports napari.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,11 +18,14 @@ from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_info, show_warning
 
 from napari_pdcr._napari.layers import (
+    MAP_ROLES,
     METADATA_KEY,
     default_name,
+    explanation_from_layer,
     explanation_layer_data,
     layer_metadata,
     placement,
+    supporting_red_colormap,
 )
 from napari_pdcr.explanations import AttributionMap, Explanation, RegionExplanation
 from napari_pdcr.metrics.segmentation import OTSU, score_heatmap
@@ -42,6 +46,7 @@ def add_to_viewer(viewer, explanation: Explanation, **options) -> list[Layer]:
     if isinstance(explanation, (AttributionMap, RegionExplanation)) and not explanation.target_region.any():
         options = {"show_target_region": False, **options}  # a classifier's run without a region: nothing to outline
     layers = [viewer.add_layer(Layer.create(*item)) for item in explanation_layer_data(explanation, **options)]
+    follow_ndisplay(viewer)
     return layers + add_heatmap_mask(viewer, explanation, options.get("source_layer"))
 
 
@@ -100,13 +105,18 @@ OBLIQUE_ANGLES = (15.0, -30.0, 80.0)
 REGION_CONTEXT = 4.0
 
 
-def view_in_3d(viewer, explanation, margin: float = 1.2) -> None:
-    """Show a 3D result in 3D rendering, the camera on its target region.
+def view_in_3d(viewer, explanation, image_layer=None, margin: float = 1.6) -> None:
+    """Show a 3D result in 3D rendering around its target region.
 
-    The camera is centred on the box around the target region and the blocks with an
-    effect (world coordinates, from the result's scale and translate), zoomed so that
-    this box (at least :data:`REGION_CONTEXT` region sizes) grown by ``margin`` fills the view, and seen at :data:`OBLIQUE_ANGLES`.
-    A 2D result is left as it is (``ValueError``).
+    The maps get their 3D colormap (:func:`restyle_maps`: weak blocks see-through); the
+    explained image (``image_layer``, else the image layers of the result's shape that are
+    not results) and the prediction's outline are shown as the axial plane through the
+    region's centre, so the anatomy and the prediction's border show without hiding the
+    map; both outlines are drawn over the image and the map. The camera is centred on the
+    box around the target region and the blocks with an effect (world coordinates, from
+    the result's scale and translate), zoomed so that this box (at least
+    :data:`REGION_CONTEXT` region sizes) grown by ``margin`` fills the view, and seen at
+    :data:`OBLIQUE_ANGLES`. A 2D result is left as it is (``ValueError``).
     """
     if explanation.target_region.ndim != 3:
         raise ValueError("the result is 2D: 3D rendering needs a 3D result (a volume explained by a 3D model)")
@@ -121,13 +131,54 @@ def view_in_3d(viewer, explanation, margin: float = 1.2) -> None:
     region_low, region_high = world_box(explanation.target_region)
     # at least REGION_CONTEXT times the region's size, so that the image around it shows
     size = max((high - low).max(), REGION_CONTEXT * (region_high - region_low).max())
+    follow_ndisplay(viewer)
     viewer.dims.ndisplay = 3
+    centre = tuple(float(np.mean(axis)) for axis in np.nonzero(explanation.target_region))  # voxels
+    images = [image_layer] if image_layer is not None else [
+        layer for layer in viewer.layers
+        if layer._type_string == "image" and explanation_from_layer(layer) is None
+        and tuple(layer.data.shape) == explanation.target_region.shape]
+    outlines = {role: [layer for layer in viewer.layers if explanation_from_layer(layer) is explanation
+                       and layer.metadata[METADATA_KEY]["role"] == role] for role in ("prediction", "target_region")}
+    for layer in [*images, *outlines["prediction"]]:
+        layer.depiction = "plane"
+        layer.plane.update({"position": centre, "normal": (1.0, 0.0, 0.0), "thickness": 1.0})
+    for layer in [*outlines["prediction"], *outlines["target_region"]]:
+        layer.blending = "translucent_no_depth"  # drawn over the image plane and the map, not hidden in them
     viewer.reset_view()  # zoom for the whole scene, then zoom in to the box
     scene = np.ptp(np.asarray(viewer.layers.extent.world)[:, -3:], axis=0).max()
     camera = viewer.scene.camera
     camera.center = tuple((low + high) / 2)
     camera.zoom *= scene / (margin * size)
     camera.angles = OBLIQUE_ANGLES
+
+
+def restyle_map(layer, ndisplay: int) -> None:
+    """Give a napari-pdcr signed map the colormap of a ``ndisplay``-D display: the 2D one, or in 3D
+    rendering the one whose opacity grows with |effect|
+    (:func:`~napari_pdcr._napari.layers.effect_colormap`, ``volume=True``); other layers are left alone."""
+    explanation = explanation_from_layer(layer)
+    if explanation is not None and layer.metadata[METADATA_KEY]["role"] in MAP_ROLES:
+        colormap = supporting_red_colormap(explanation, volume=ndisplay == 3)
+        if layer.colormap.name != colormap.name:
+            layer.colormap = colormap
+
+
+#: Viewers whose maps follow the display (:func:`follow_ndisplay`).
+_FOLLOWING: weakref.WeakSet = weakref.WeakSet()
+
+
+def follow_ndisplay(viewer) -> None:
+    """Restyle the maps (:func:`restyle_map`) now, whenever ``viewer`` switches between 2D and 3D
+    (napari's own 2D/3D button included) and as maps are added; connected once per viewer."""
+    viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a public-only proxy
+    if viewer not in _FOLLOWING:
+        _FOLLOWING.add(viewer)
+        viewer.dims.events.ndisplay.connect(
+            lambda event: [restyle_map(layer, viewer.dims.ndisplay) for layer in viewer.layers])
+        viewer.layers.events.inserted.connect(lambda event: restyle_map(event.value, viewer.dims.ndisplay))
+    for layer in viewer.layers:
+        restyle_map(layer, viewer.dims.ndisplay)
 
 
 def show_in_grid(viewer, maps: Mapping[str, Explanation], image_layer=None, link_limits: bool = True) -> list:

@@ -61,11 +61,13 @@ from napari_pdcr.jobs import ExplainJob, model_kind
 from napari_pdcr.metrics.faithfulness import DIRECTIONS, RANDOM
 from napari_pdcr.models.base import CLASSIFIER
 from napari_pdcr.models.devices import torch_threads, worker_cpu_threads
+from napari_pdcr.outcomes import outcome_unit
 from napari_pdcr.studies.methods import METHODS, build_method
 
 #: Units of each outcome's effects (the colour bar's and the plots' unit).
-OUTCOME_UNITS = {"dice": "Dice points", "soft_dice": "soft-Dice points", "mean_probability": "probability points",
-                 "mean_logit": "logits"}
+#: The Results tab's summary after Compare methods when no single run has been made.
+NO_RUN_AFTER_COMPARISON = ("Method comparison below; its maps are in the viewer's grid. Press Run for one causal "
+                           "map with its plots.")
 #: Labels and help of the methods Compare methods offers (every one of :data:`~napari_pdcr.studies.methods.METHODS`).
 METHOD_CHOICES = {
     "region_effects": ("Causal region effects", "This widget's run (its intervention, blocks and mode)."),
@@ -631,6 +633,8 @@ class RegionEffectsWidget(DockWidget):
         show_method_comparison(self.viewer, comparison, image_layer)
         self.comparison_summary.setText(self.comparison_text(comparison))
         self.comparison_plot.show_figure(figure, self.devicePixelRatioF())
+        if self.result is None:  # the tab's top would still say "No result yet"
+            self.summary.setText(NO_RUN_AFTER_COMPARISON)
         self.tabs.setCurrentIndex(1)
         self.progress.setValue(1000)
         total = sum(row["wall_s"] or 0 for row in comparison.table) + comparison.curves.elapsed_s
@@ -714,7 +718,7 @@ class RegionEffectsWidget(DockWidget):
             f"{counts['positive']} positive (hurt it), {counts['zero']} zero. "
             f"{explanation.forward_passes} forward passes on {explanation.parameters.get('device', '?')}, "
             f"{explanation.timings.get('total_s', 0):.1f} s. Colour bar: the effect in "
-            f"{OUTCOME_UNITS.get(kind, 'outcome units')} (red: the block supported the outcome)."
+            f"{outcome_unit(explanation.parameters)} (red: the block supported the outcome)."
         )
 
     @staticmethod

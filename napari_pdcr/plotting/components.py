@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_pdcr.engine.estimator import NodeStatus
+from napari_pdcr.outcomes import outcome_unit
 from napari_pdcr.plotting.style import NEGATIVE_COLOR, POSITIVE_COLOR, ZERO_COLOR
 
 
@@ -36,8 +37,7 @@ def plot_components(result, ax=None, top: int | None = 20, title: str | None = N
     ax.axvline(0, color=ink, linewidth=0.8)
     ax.set_yticks(y, [result.components[i].name for i in order])
     ax.set_ylim(-0.6, len(order) - 0.4)
-    outcome = result.parameters.get("outcome", {}).get("kind", "dice")
-    unit = "Dice points" if outcome in ("dice", "soft_dice") else "outcome units"
+    unit = outcome_unit(result.parameters)
     intervention = result.parameters.get("intervention", {}).get("name", "")
     ax.set_xlabel(f"ATE ({unit}), {intervention}\nerror bars: 95% CI (±1.96 SE)")
     low, high = ax.get_xlim()

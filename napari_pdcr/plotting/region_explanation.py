@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_pdcr.outcomes import outcome_unit
 from napari_pdcr.plotting.style import (
     EFFECT_CMAP,
     NEGATIVE_COLOR,
@@ -42,7 +43,7 @@ def plot_histogram(explanation, ax) -> None:
     ax.bar(range(len(counts)), counts, color=colours)
     ax.set_xticks(range(len(counts)), labels, rotation=45, ha="right")
     ax.set_ylabel("blocks")
-    ax.set_title("effect histogram (outcome units)")
+    ax.set_title(f"effect histogram ({outcome_unit(explanation.parameters)})")
 
 
 def plot_effect_vs_distance(explanation, ax, unit: str = "") -> None:
