@@ -163,9 +163,32 @@ def test_view_in_3d_shows_planes_through_the_region_and_the_outline_over_the_map
     assert target.blending == prediction.blending == "translucent_no_depth"
     assert ate.colormap.name == EFFECT_COLORMAP_NAME + VOLUME_SUFFIX
     box = np.nonzero(explanation.target_region | (explanation.ate != 0))
-    assert all(axis.min() <= c <= axis.max() + 1 for axis, c in zip(box, viewer.camera.center, strict=True))
+    assert all(axis.min() <= c <= axis.max() + 1 for axis, c in zip(box, viewer.scene.camera.center, strict=True))
     with pytest.raises(ValueError, match="2D"):
         view_in_3d(viewer, make_explanation())
+
+
+def test_colour_bar_labels_more_than_zero():
+    """napari's colour bar labels vispy's round ticks inside the limits: limits just under a round number
+    (+-1.9985, ticks at -2, 0, 2) left only "0"; the map's limits are rounded up so ticks of both signs show."""
+    from vispy.visuals.axis import _get_ticks_talbot
+
+    from napari_pdcr._napari.layers import colour_bar_limit
+
+    def labelled(m, inches):
+        ticks = _get_ticks_talbot(-m, m, inches, 2)
+        return ticks[np.abs(ticks) <= m * 1.0001]
+
+    assert len(labelled(1.9984883, 150 / 96)) == 1  # the case seen: only "0"
+    rng = np.random.default_rng(0)
+    for value in [1.9984883, 14.83, 0.3127, 2.13e-5, 9.999, 99.5, 163.98, *10 ** rng.uniform(-6, 3, 300)]:
+        m = colour_bar_limit([value, -value / 3])
+        assert value <= m <= value * 1.3, (value, m)
+        for inches in (1.0, 150 / 96, 2.0):  # screens of 75-150 dpi
+            ticks = labelled(m, inches)
+            assert (ticks < 0).any() and (ticks > 0).any(), (value, m, inches, ticks)
+    layer_limits = add_to_viewer(ViewerModel(), make_explanation(), show_prediction=False)[0].contrast_limits
+    assert tuple(layer_limits) == (-6.0, 6.0)
 
 
 def test_outline_is_in_plane_border():

@@ -195,6 +195,26 @@ def test_colorbar_second_run_hides_first_and_reopen_restores_plots(viewer_2d, ma
     assert reopened.save_button.isEnabled()
 
 
+@pytest.mark.gui
+def test_screened_out_blocks_can_be_shown_apart_from_tested_zeros(viewer_2d, qtbot):
+    from napari_pdcr._napari.layers import METADATA_KEY, SCREENED_OUT_LABEL, block_state_hatching
+    from napari_pdcr.engine.estimator import NodeStatus
+
+    widget = dock(viewer_2d)
+    paint(widget.brush_region(), [(70, 60)])
+    set_parameters(widget, block_size=16, n_screen=3, n_estimate=4)
+    assert not widget.show_block_status.isChecked()  # off by default, like the standard-error map
+    widget.show_block_status.setChecked(True)
+    widget.run()
+    wait_for_run(qtbot, widget)
+    status = [layer for layer in viewer_2d.layers if layer.metadata.get(METADATA_KEY, {}).get("role") == "block_status"]
+    assert len(status) == 1 and status[0].visible
+    screened = (widget.result.block_status == NodeStatus.SCREENED_OUT).any()
+    assert screened  # the screen set some blocks to 0 untested: the layer has something to show
+    np.testing.assert_array_equal(status[0].data, block_state_hatching(widget.result))
+    assert (status[0].data == SCREENED_OUT_LABEL).any()
+
+
 def test_progress_reports_are_coalesced_while_a_run_goes(viewer_2d, qtbot):
     """One progress-bar update per PROGRESS_INTERVAL_MS (each repaints synchronously, holding the GIL)."""
     from napari_pdcr._napari.runner import PROGRESS_INTERVAL_MS

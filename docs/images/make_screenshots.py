@@ -1,6 +1,6 @@
 """Regenerate the user guide's screenshots (needs a display: run under ``xvfb-run -a``).
 
-    xvfb-run -a -s "-screen 0 1600x1100x24" python docs/images/make_screenshots.py [--only 2d|3d|components]
+    xvfb-run -a -s "-screen 0 1600x1100x24" python docs/images/make_screenshots.py [--only 2d|3d|components|status|classifier|models]
 
 (the screen must be larger than the 1400 x 1000 window: xvfb-run's default 1280 x 1024 cuts the dock off).
 
@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import napari
+import numpy as np
 from qtpy.QtWidgets import QApplication
 
 from napari_pdcr._napari.components_widget import ComponentsWidget
 from napari_pdcr._napari.viewer import view_in_3d
 from napari_pdcr._napari.widget import RegionEffectsWidget
+from napari_pdcr.cli import demo_target_region
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,6 +82,72 @@ def shots_2d() -> None:
     viewer.close()
 
 
+def shots_status() -> None:
+    """The block-status hatching: screened out (grey) vs tested (the map), few draws (orange)."""
+    viewer, widget = open_viewer("colin27_slice")
+    region = widget.paint_region_layer(viewer.layers["colin27_slice image"])
+    region.data[demo_target_region(viewer.layers["colin27_slice brain mask"].data > 0)] = 1  # 32x32 at the left edge
+    region.refresh()
+    region.mode = "pan_zoom"
+    widget.region_labels.select(region.name)
+    widget.block_size.setValue(8)
+    widget.n_estimate.setValue(20)
+    widget.show_block_status.setChecked(True)
+    run(widget)
+    counts = widget.result.summary()["status_counts"]
+    print("status counts", counts, "few draws", widget.result.summary()["few_draws"])
+    grab(viewer, "uncertainty_status_layer.png")
+    viewer.close()
+
+
+def shots_classifier() -> None:
+    """The bundled lesion classifier on one bundled lesion slice, its map scored against the lesion mask."""
+    from napari_pdcr.samples import sample_layers_lesions
+
+    (stack, _, _), (masks, _, _) = sample_layers_lesions()
+    z = int(np.argmax(masks.reshape(len(masks), -1).sum(axis=1)))  # the slice with the largest lesion
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 860)
+    viewer.add_image(stack[z], name=f"lesion slice {z}", colormap="gray")
+    viewer.add_labels(masks[z].astype(np.uint8), name="lesion mask", opacity=0.4)
+    widget = RegionEffectsWidget(viewer)
+    viewer.window.add_dock_widget(widget, area="right", name="Region effects (ATE map)")
+    widget.model_choice.setCurrentText("lesion_cnn")
+    widget.image_choice.select(f"lesion slice {z}")
+    widget.reference.select("lesion mask")
+    widget.intervention.setCurrentText("zero")
+    widget.outcome.setCurrentText("mean_logit")  # the class probability saturates: a block changes it < tau
+    widget.block_size.setValue(8)
+    run(widget)
+    viewer.layers["lesion mask"].visible = False
+    print("slice", z, [layer.name for layer in viewer.layers])
+    grab(viewer, "classifier_widget.png")
+    viewer.close()
+
+
+def shots_models() -> None:
+    """Four 2D demo models' ATE maps of one region in napari's grid mode (show_comparison)."""
+    from napari_pdcr import compare_models
+    from napari_pdcr._napari.viewer import show_comparison
+    from napari_pdcr.models.demo import load_demo_model
+
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 860)
+    image_layer, mask_layer = viewer.open_sample("napari-pdcr", "colin27_slice")
+    mask_layer.visible = False
+    mask = mask_layer.data > 0
+    models = {name: load_demo_model(name) for name in ("unet2d", "segresnet2d", "shallow2d", "vit2d")}
+    comparison = compare_models(models, image_layer.data[None].astype(np.float32), demo_target_region(mask),
+                                reference=mask, region_effects={"intervention": "zero", "block_shape": 8},
+                                component_effects=None, spacing=(1.0, 1.0))
+    image_layer.visible = False
+    show_comparison(viewer, comparison, image_layer=image_layer)
+    viewer.reset_view()
+    settle(1.5)
+    grab(viewer, "model_comparison_napari.png")
+    viewer.close()
+
+
 def _save_plot(rgba, name: str) -> None:
     from matplotlib.image import imsave
 
@@ -132,7 +200,7 @@ def shots_components() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("2d", "3d", "components"))
+    parser.add_argument("--only", choices=("2d", "3d", "components", "status", "classifier", "models"))
     args = parser.parse_args()
     if args.only in (None, "2d"):
         shots_2d()
@@ -140,3 +208,9 @@ if __name__ == "__main__":
         shots_3d()
     if args.only in (None, "components"):
         shots_components()
+    if args.only in (None, "status"):
+        shots_status()
+    if args.only in (None, "classifier"):
+        shots_classifier()
+    if args.only in (None, "models"):
+        shots_models()

@@ -188,9 +188,35 @@ def component_layer_data(explanation: ComponentExplanation, source_layer=None, n
     return [_outline_layer(explanation.target_region, explanation, f"{base} target", "target_region", "lime", geometry)]
 
 
+#: Height of napari's colour bar in inches (its default 150 px at 96 dpi), for :func:`colour_bar_limit`.
+COLOUR_BAR_INCHES = 150 / 96
+
+
+def colour_bar_limit(values) -> float:
+    """:func:`~napari_pdcr.plotting.style.symmetric_limit`, widened (by at most ~27 %) to napari's next
+    colour-bar tick when no tick but 0 would be labelled.
+
+    napari's colour bar labels the round ticks vispy picks (Talbot's algorithm) that lie
+    inside the limits; limits just under a round number (+-1.9985, ticks at -2, 0, 2)
+    would leave the single label "0". vispy's own tick function is used, so the limits
+    fit the ticks napari draws (it is private to vispy: without it the limit is left as is).
+    """
+    m = symmetric_limit(values)
+    try:
+        from vispy.visuals.axis import _get_ticks_talbot
+    except ImportError:
+        return m
+    for _ in range(4):
+        ticks = np.asarray(_get_ticks_talbot(-m, m, COLOUR_BAR_INCHES, 2), dtype=float)
+        if (ticks[np.abs(ticks) <= m * (1 + 1e-4)] > 0).any():
+            break
+        m = float(np.abs(ticks[np.abs(ticks) > m]).min())
+    return m
+
+
 def signed_map_layer(values: np.ndarray, explanation: Explanation, name: str, role: str, geometry: dict) -> tuple:
     """An Image LayerData of a signed map: symmetric limits, supporting sign red, translucent over the image."""
-    m = symmetric_limit(values)
+    m = colour_bar_limit(values)
     return (
         values,
         {

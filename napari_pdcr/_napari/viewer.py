@@ -20,6 +20,7 @@ from napari.utils.notifications import show_info, show_warning
 from napari_pdcr._napari.layers import (
     MAP_ROLES,
     METADATA_KEY,
+    colour_bar_limit,
     default_name,
     explanation_from_layer,
     explanation_layer_data,
@@ -30,7 +31,6 @@ from napari_pdcr._napari.layers import (
 from napari_pdcr.explanations import AttributionMap, Explanation, RegionExplanation
 from napari_pdcr.metrics.segmentation import OTSU, score_heatmap
 from napari_pdcr.models.base import CLASSIFIER
-from napari_pdcr.plotting.style import symmetric_limit
 from napari_pdcr.studies.comparison import ModelComparison
 from napari_pdcr.studies.methods import MethodComparison
 
@@ -205,7 +205,7 @@ def show_in_grid(viewer, maps: Mapping[str, Explanation], image_layer=None, link
         shown.append(layers[0])
         added += layers
     if link_limits:
-        limit = symmetric_limit(np.concatenate([layer.data.ravel() for layer in shown]))
+        limit = colour_bar_limit(np.concatenate([layer.data.ravel() for layer in shown]))
         for layer in shown:
             layer.contrast_limits = (-limit, limit)
     if len(shown) > 1:

@@ -363,6 +363,10 @@ class RegionEffectsWidget(DockWidget):
         self.show_se.setToolTip("Also add the standard error of each block's effect (hidden layer).")
         self.show_prediction = QCheckBox("Prediction outline")
         self.show_prediction.setToolTip("Also add the outline of the model's prediction.")
+        self.show_block_status = QCheckBox("Screened-out / few-draw blocks")
+        self.show_block_status.setToolTip(
+            "Also add hatching over blocks set to 0 after the screen's few draws, without a test (grey), and over "
+            "estimates that rest on few draws (orange): a 0 there means 'not tested', not 'no effect'.")
         self.replace_previous = QCheckBox("Replace the previous result")
         self.replace_previous.setToolTip("Remove the previous result layers of this image (else they are hidden).")
         self.keep_image = QCheckBox("Keep the image with the result")
@@ -370,6 +374,7 @@ class RegionEffectsWidget(DockWidget):
         self.keep_image.setChecked(True)
         form.addRow("Also add", self.show_se)
         form.addRow("", self.show_prediction)
+        form.addRow("", self.show_block_status)
         form.addRow("", self.replace_previous)
         form.addRow("", self.keep_image)
 
@@ -593,6 +598,7 @@ class RegionEffectsWidget(DockWidget):
         options = {"show_prediction": self.show_prediction.isChecked()}
         if name == "region_effects":
             options["show_standard_error"] = self.show_se.isChecked()
+            options["show_block_status"] = self.show_block_status.isChecked()
             self.start_run(self._checked_job, partial(result_layers, **options), self.figure_step(),
                            loading_text="loading the model…")
             return
