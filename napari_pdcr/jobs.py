@@ -230,7 +230,10 @@ class ExplainJob:
         ndim = np.ndim(self.target_region) if self.target_region is not None else np.ndim(self.image) - (channels > 1)
         if dims is not None and ndim != dims:
             name = getattr(self.model, "name", self.model)
-            raise ValueError(f"model {name!r} explains {dims}D images, but the image is {ndim}D: choose a {ndim}D model")
+            stack = (" (for a stack of 2D slices, explain one slice added as its own layer, e.g. "
+                     "viewer.add_image(layer.data[z]) in the console)") if dims == 2 and ndim == 3 else ""
+            raise ValueError(f"model {name!r} explains {dims}D images, but the image is {ndim}D: "
+                             f"choose a {ndim}D model{stack}")
 
     def iter_run(self):
         """Generator: load the model, build the intervention, yield progress, return the explanation."""

@@ -98,6 +98,9 @@ def test_explain_errors_are_sentences(slice_2d):
     region = centered_box(slice_2d["image"].shape, (70, 60), 12)
     with pytest.raises(ValueError, match="explains 3D images"):
         explain(slice_2d["image"], region, model="unet3d", **SMALL)
+    stack = np.stack([slice_2d["image"]] * 3)  # a stack of 2D slices, e.g. the bundled lesion sample
+    with pytest.raises(ValueError, match=r"image is 3D: choose a 3D model \(for a stack of 2D slices, explain one slice"):
+        explain(stack, np.stack([region] * 3), model="unet2d", **SMALL)
     with pytest.raises(TypeError, match="unknown parameter"):
         explain(slice_2d["image"], region, block_size=8)
     with pytest.raises(ValueError, match="pass viewer"):
