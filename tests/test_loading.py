@@ -292,3 +292,31 @@ def test_real_third_party_torchscript_deepbet_if_installed():
     model = load_model(path, trusted=True)
     assert (model.spatial_dims, model.in_channels, model.activation, model.divisible_by) == (3, 1, "none", 32)
     assert model.description.out_channels == 2
+
+    # and it is explained: the bundled 2 mm head, 32^3 blocks, channel 1 (brain), a 16^3 region
+    # centred on the edge of deepbet's own brain mask (inside the brain nothing moves it)
+    from scipy.ndimage import binary_erosion
+
+    from napari_pdcr import RegionEffects, box_region
+    from napari_pdcr.engine.estimator import NodeStatus
+    from napari_pdcr.samples import load_sample
+
+    model = load_model(path, trusted=True, description={"channel": 1})
+    image = load_sample("colin27_volume")["image"][None].astype(np.float32)
+    with torch.inference_mode():
+        brain = model(model.prepare_image(image)[None])[0, 1].numpy() > 0.5
+    assert 0.1 < brain.mean() < 0.9  # a brain-sized mask in the head
+    shape = np.array(brain.shape)
+    edge = np.argwhere(brain & ~binary_erosion(brain))
+    edge = edge[((edge >= 8) & (edge <= shape - 9)).all(axis=1)]
+    centre = edge[np.argmin(np.linalg.norm(edge - shape / 2 - [0, 0, 20], axis=1))]
+    region = box_region(brain.shape, tuple(int(v) - 8 for v in centre), 16)
+    runs = {mode: RegionEffects(model, "zero", "mean_probability", block_shape=32, mode=mode).attribute(image, region)
+            for mode in ("published", "exact")}
+    published, exact = runs["published"], runs["exact"]
+    # the exact accelerations give the published estimand on a real network (it reads the whole
+    # volume: no block is unreachable, nothing is skipped)
+    np.testing.assert_allclose(exact.block_effects, published.block_effects, atol=1e-3)
+    assert not (exact.block_status == NodeStatus.UNREACHABLE).any()
+    assert np.isfinite(exact.block_effects).all() and exact.forward_passes <= published.forward_passes + 40
+    assert (np.abs(exact.block_effects) > exact.parameters["tau"]).sum() >= 3  # there is something to agree on
