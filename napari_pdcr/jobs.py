@@ -230,8 +230,8 @@ class ExplainJob:
         ndim = np.ndim(self.target_region) if self.target_region is not None else np.ndim(self.image) - (channels > 1)
         if dims is not None and ndim != dims:
             name = getattr(self.model, "name", self.model)
-            stack = (" (for a stack of 2D slices, explain one slice added as its own layer, e.g. "
-                     "viewer.add_image(layer.data[z]) in the console)") if dims == 2 and ndim == 3 else ""
+            stack = (" (for a stack of 2D slices, explain one slice, e.g. image[z]; the napari widget "
+                     "explains the slice on show)") if dims == 2 and ndim == 3 else ""
             raise ValueError(f"model {name!r} explains {dims}D images, but the image is {ndim}D: "
                              f"choose a {ndim}D model{stack}")
 

@@ -90,3 +90,40 @@ def test_compare_methods_runs_on_a_classifier_without_a_region(make_napari_viewe
     qtbot.waitUntil(lambda: widget.worker is None and widget.comparison is not None, timeout=180_000)
     assert set(widget.comparison.maps) == {"region_effects", "gradient_x_input"}
     assert all(row["ranked"] for row in widget.comparison.table)
+
+
+def test_a_2d_model_on_a_stack_explains_the_slice_on_show(make_napari_viewer, qtbot):
+    """The bundled lesion sample is a stack of 2D slices: a 2D classifier explains the slice on show, and the
+    result layers sit on that slice (not on every slice); the map equals a console run on that slice."""
+    from napari_pdcr import RegionEffects
+    from napari_pdcr._napari.layers import METADATA_KEY
+    from napari_pdcr.models.demo import load_demo_model
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    stack, masks = viewer.open_sample("napari-pdcr", "lesion_slices")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pdcr", "Region effects (ATE map)")
+    widget.image_choice.select(stack.name)
+    widget.model_choice.setCurrentText("lesion_cnn")  # the image made it pick a 3D model: the user chooses the 2D one
+    widget.reference.select(masks.name)
+    widget.intervention.setCurrentText("zero")
+    widget.outcome.setCurrentText("mean_logit")
+    widget.block_size.setValue(16)
+    z = 41
+    viewer.dims.set_current_step(0, z)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None and not widget.result_pending, timeout=120_000)
+    explanation = widget.explanation
+    assert explanation is not None, widget.progress.format()
+    assert explanation.ate.shape == stack.data.shape[1:]
+    assert explanation.provenance["source_layer"]["slice"]["index"] == z
+    expected = RegionEffects(load_demo_model("lesion_cnn"), "zero", "mean_logit", block_shape=16).attribute(
+        stack.data[z][None].astype(np.float32), None, reference=masks.data[z] > 0)
+    np.testing.assert_allclose(explanation.block_effects, expected.block_effects, atol=1e-4)
+    results = [layer for layer in viewer.layers if METADATA_KEY in layer.metadata]
+    assert results and all(layer.data.shape == (1, *stack.data.shape[1:]) for layer in results)
+    for layer in results:  # on slice z of the stack, in its world coordinates
+        np.testing.assert_allclose(layer.translate[0], stack.translate[0] + z * stack.scale[0])
+        np.testing.assert_allclose(layer.scale, stack.scale)
+        low, high = layer.extent.world[:, 0]  # it spans that one slice of the stack, no other
+        assert low == high == pytest.approx(stack.data_to_world([z, 0, 0])[0])

@@ -101,25 +101,22 @@ def shots_status() -> None:
 
 
 def shots_classifier() -> None:
-    """The bundled lesion classifier on one bundled lesion slice, its map scored against the lesion mask."""
-    from napari_pdcr.samples import sample_layers_lesions
-
-    (stack, _, _), (masks, _, _) = sample_layers_lesions()
-    z = int(np.argmax(masks.reshape(len(masks), -1).sum(axis=1)))  # the slice with the largest lesion
+    """The bundled lesion classifier on the slice on show of the bundled lesion stack, its map scored
+    against the lesion mask."""
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 860)
-    viewer.add_image(stack[z], name=f"lesion slice {z}", colormap="gray")
-    viewer.add_labels(masks[z].astype(np.uint8), name="lesion mask", opacity=0.4)
+    stack, masks = viewer.open_sample("napari-pdcr", "lesion_slices")
+    z = int(np.argmax(masks.data.reshape(len(masks.data), -1).sum(axis=1)))  # the slice with the largest lesion
+    viewer.dims.set_current_step(0, z)
     widget = RegionEffectsWidget(viewer)
     viewer.window.add_dock_widget(widget, area="right", name="Region effects (ATE map)")
-    widget.model_choice.setCurrentText("lesion_cnn")
-    widget.image_choice.select(f"lesion slice {z}")
-    widget.reference.select("lesion mask")
+    widget.model_choice.setCurrentText("lesion_cnn")  # a 2D model on a stack: it explains the slice on show
+    widget.reference.select(masks.name)
     widget.intervention.setCurrentText("zero")
     widget.outcome.setCurrentText("mean_logit")  # the class probability saturates: a block changes it < tau
     widget.block_size.setValue(8)
     run(widget)
-    viewer.layers["lesion mask"].visible = False
+    masks.visible = False
     print("slice", z, [layer.name for layer in viewer.layers])
     grab(viewer, "classifier_widget.png")
     viewer.close()

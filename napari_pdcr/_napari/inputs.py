@@ -104,3 +104,15 @@ def layer_geometry(image) -> dict:
         "scale": [float(s) for s in image.scale[-n:]],
         "translate": [float(t) for t in image.translate[-n:]],
     }
+
+
+def slice_geometry(geometry: dict, index: int) -> dict:
+    """The geometry of slice ``index`` (first axis) of a stack layer's ``geometry`` (:func:`layer_geometry`):
+    the last two axes, with ``slice`` recording the index and the first axis' scale and translate, so that
+    results are shown on that slice (:func:`~napari_pdcr._napari.layers.explanation_layer_data`)."""
+    return {
+        **geometry,
+        "scale": list(geometry["scale"][1:]),
+        "translate": list(geometry["translate"][1:]),
+        "slice": {"index": int(index), "scale": geometry["scale"][0], "translate": geometry["translate"][0]},
+    }

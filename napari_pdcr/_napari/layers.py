@@ -171,14 +171,30 @@ def outline_layers(explanation, base: str, geometry: dict, prediction: bool, tar
 
 def explanation_layer_data(explanation: Explanation, **options) -> list[tuple]:
     """LayerData of any kind of explanation (see :func:`region_layer_data`, :func:`attribution_layer_data`,
-    :func:`component_layer_data`)."""
+    :func:`component_layer_data`); a 2D explanation of one slice of a stack is put on that slice
+    (:func:`on_recorded_slice`)."""
     if isinstance(explanation, RegionExplanation):
-        return region_layer_data(explanation, **options)
+        return on_recorded_slice(region_layer_data(explanation, **options), explanation)
     if isinstance(explanation, AttributionMap):
-        return attribution_layer_data(explanation, **options)
+        return on_recorded_slice(attribution_layer_data(explanation, **options), explanation)
     if isinstance(explanation, ComponentExplanation):
-        return component_layer_data(explanation, **options)
+        return on_recorded_slice(component_layer_data(explanation, **options), explanation)
     raise TypeError(f"no napari layers are defined for a {type(explanation).__name__}")
+
+
+def on_recorded_slice(layer_data: list[tuple], explanation: Explanation) -> list[tuple]:
+    """Layers of a 2D explanation of slice ``i`` of a stack (provenance ``source_layer["slice"]``, see
+    :func:`~napari_pdcr._napari.inputs.slice_geometry`) as stacks of that one slice, placed at slice
+    ``i`` of the stack: shown there, not on every slice. Other explanations' layers are returned as they are."""
+    recorded = (explanation.provenance.get("source_layer") or {}).get("slice")
+    if not recorded:
+        return layer_data
+    axis_translate = float(recorded["translate"]) + recorded["index"] * float(recorded["scale"])
+    return [
+        (np.asarray(data)[None], {**kwargs, "scale": (float(recorded["scale"]), *kwargs["scale"]),
+                                  "translate": (axis_translate, *kwargs["translate"])}, kind)
+        for data, kwargs, kind in layer_data
+    ]
 
 
 def component_layer_data(explanation: ComponentExplanation, source_layer=None, name: str | None = None) -> list[tuple]:

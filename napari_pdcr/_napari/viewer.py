@@ -25,6 +25,7 @@ from napari_pdcr._napari.layers import (
     explanation_from_layer,
     explanation_layer_data,
     layer_metadata,
+    on_recorded_slice,
     placement,
     supporting_red_colormap,
 )
@@ -75,7 +76,7 @@ def heatmap_mask_layer_data(explanation: Explanation, source_layer=None, thresho
         "metadata": metadata,
         **placement(explanation, source_layer),
     }
-    return (mask.astype(np.uint8), kwargs, "labels"), score
+    return on_recorded_slice([(mask.astype(np.uint8), kwargs, "labels")], explanation)[0], score
 
 
 def add_heatmap_mask(viewer, explanation: Explanation, source_layer=None, threshold: str | float = OTSU) -> list[Layer]:

@@ -51,13 +51,19 @@ from napari_pdcr._napari.base_widget import (
     spin_box,
     user_message,
 )
-from napari_pdcr._napari.inputs import image_array, layer_geometry, region_name
+from napari_pdcr._napari.inputs import (
+    image_array,
+    image_spatial_shape,
+    layer_geometry,
+    region_name,
+    slice_geometry,
+)
 from napari_pdcr._napari.layers import METADATA_KEY
 from napari_pdcr._napari.plots import EffectPlots, render_method_comparison, render_plots
 from napari_pdcr._napari.viewer import add_heatmap_mask, show_method_comparison, view_in_3d
 from napari_pdcr.console import cost_message
 from napari_pdcr.explanations import AttributionMap, RegionExplanation
-from napari_pdcr.jobs import ExplainJob, model_kind
+from napari_pdcr.jobs import ExplainJob, demo_model_dims, model_kind
 from napari_pdcr.metrics.faithfulness import DIRECTIONS, RANDOM
 from napari_pdcr.models.base import CLASSIFIER
 from napari_pdcr.models.devices import torch_threads, worker_cpu_threads
@@ -527,11 +533,16 @@ class RegionEffectsWidget(DockWidget):
         region, target_name = self._region(image)
         bank_layer = self.bank_choice.layer() if self.intervention.currentText() == "patch_bank" else None
         geometry = layer_geometry(image)
+        pixels, reference = np.array(image_array(image), dtype=np.float32), self.reference_mask(image)
+        z = self._shown_slice(image, model)
+        if z is not None:  # a 2D model on a stack of slices: the slice on show
+            pixels, region, reference = (None if a is None else a[z] for a in (pixels, region, reference))
+            geometry = slice_geometry(geometry, z)
         return ExplainJob(
-            image=np.array(image_array(image), dtype=np.float32),
+            image=pixels,
             target_region=region,
             model=model,
-            reference=self.reference_mask(image),
+            reference=reference,
             intervention=self.intervention.currentText(),
             outcome=self.outcome.currentText(),
             temperature=self.temperature.value(),
@@ -547,6 +558,15 @@ class RegionEffectsWidget(DockWidget):
                 **self.estimator_parameters(),
             },
         )
+
+    def _shown_slice(self, image, model) -> int | None:
+        """The index of the slice on show when a 2D model explains a stack of slices (a 3D grey image
+        layer), else None."""
+        dims = model.spatial_dims if hasattr(model, "spatial_dims") else demo_model_dims(str(model))
+        if dims != 2 or len(image_spatial_shape(image)) != 3 or getattr(image, "rgb", False):
+            return None
+        z = int(np.round(image.world_to_data(self.viewer.dims.point)[0]))
+        return min(max(z, 0), image.data.shape[0] - 1)
 
     def _explains_classifier(self) -> bool:
         """Whether the chosen model is known (before loading) to be a classifier, which needs no target region."""
