@@ -113,6 +113,53 @@ def _per_axis(values, spatial_dims: int, check, message: str) -> tuple:
     return checked
 
 
+def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per axis of the bounding box of a non-empty bool mask."""
+    return tuple((int(axis.min()), int(axis.max()) + 1) for axis in np.nonzero(mask))
+
+
+def _box_volume(box) -> int:
+    return int(np.prod([stop - start for start, stop in box]))
+
+
+def _box_union(a, b):
+    return tuple((min(x0, y0), max(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
+
+
+#: Two groups of regions merge while their joint box is at most this many times their own boxes together.
+JOINT_BOX_FACTOR = 2.0
+
+
+def cluster_by_box(masks: dict, factor: float = JOINT_BOX_FACTOR) -> list[list]:
+    """Groups of the keys of ``masks`` (non-empty bool masks) whose joint bounding box costs little more than their own.
+
+    Agglomerative: two groups merge while the bounding box of their union is at most
+    ``factor`` times (in voxels) their own boxes together, the pair that wastes least
+    first. Regions that overlap or nearly touch share a group; regions far apart (whose
+    joint box would be mostly empty) stay apart. Groups keep the order of ``masks``.
+    (The factor allows for what an incremental pass recomputes around each box: the
+    receptive field grows every box on every side, so a small gap between two regions
+    costs little.)
+    """
+    groups = [([key], bounding_box(mask)) for key, mask in masks.items()]
+    while len(groups) > 1:
+        best = None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                joint = _box_union(groups[i][1], groups[j][1])
+                own = _box_volume(groups[i][1]) + _box_volume(groups[j][1])
+                waste = _box_volume(joint) - own
+                if _box_volume(joint) <= factor * own and (best is None or waste < best[0]):
+                    best = (waste, i, j, joint)
+        if best is None:
+            break
+        _, i, j, joint = best
+        groups[i] = (groups[i][0] + groups[j][0], joint)
+        del groups[j]
+    order = {key: n for n, key in enumerate(masks)}
+    return sorted((sorted(keys, key=order.get) for keys, _ in groups), key=lambda keys: order[keys[0]])
+
+
 @dataclass(frozen=True)
 class BlockGrid:
     """A grid of blocks of ``block_shape`` covering ``spatial_shape`` (edge blocks are smaller).

@@ -77,13 +77,17 @@ def test_every_label_equals_its_own_run_on_a_linear_model(mode):
     labels = labels_2d()
     joint, alone = run_both(model, image, labels, n_estimate=15, tau=0.02, mode=mode)
     assert list(joint) == [1, 2, 7]
+    # incremental inference (exact mode) recomputes a run's joint box: region 7, far from
+    # 1 and 2, runs apart; without it (published) all three share one run
+    groups = [[1, 2, 7]] if mode == "published" else [[1, 2], [7]]
     for label, explanation in joint.items():
         assert_same_as_alone(explanation, alone[label], atol=1e-6)
-        assert explanation.parameters["label"] == label and explanation.parameters["regions_in_run"] == [1, 2, 7]
-    # the screen and the estimate ran once for the union of the regions' blocks
+        group = next(g for g in groups if label in g)
+        assert explanation.parameters["label"] == label and explanation.parameters["regions_in_run"] == group
+    # the screen and the estimate ran once for the union of each group's blocks
     passes = joint[1].parameters["forward_passes_by_stage"]
-    assert passes["estimate"] == expected_estimate_passes(alone, 3, 15)
-    assert joint[1].forward_passes < sum(a.forward_passes for a in alone.values())
+    assert passes["estimate"] == expected_estimate_passes({k: alone[k] for k in groups[0]}, 3, 15)
+    assert joint[1].forward_passes < sum(alone[k].forward_passes for k in groups[0])
     if mode == "published":  # every region needs every block: one run instead of three
         assert joint[1].forward_passes < 0.5 * sum(a.forward_passes for a in alone.values())
     # the same-seed draws were really scored in every region: the maps differ between regions
@@ -100,13 +104,39 @@ def test_every_label_equals_its_own_run_on_a_conv_net_with_reach_and_window():
     labels = np.zeros(SHAPE, np.int32)
     labels[box_region(SHAPE, (2, 2), 4)] = 3
     labels[box_region(SHAPE, (9, 6), 4)] = 5
-    joint, alone = run_both(model, image, labels, n_estimate=12, tau=0.0, mode="exact")
+    joint, alone = run_both(model, image, labels, n_estimate=12, tau=0.0, mode="exact", incremental=False)
     for label, explanation in joint.items():
         assert_same_as_alone(explanation, alone[label], atol=1e-5)
         assert (explanation.block_status == NodeStatus.UNREACHABLE).any()  # reach was used per region
+        assert explanation.parameters["regions_in_run"] == [3, 5]  # one run: no incremental box to keep small
     assert joint[3].parameters["window"] is not None  # ran on a crop
     assert joint[3].parameters["forward_passes_by_stage"]["estimate"] == expected_estimate_passes(alone, 3, 12)
     assert joint[3].log == [] and joint[5].log == []
+
+
+def test_far_apart_regions_run_apart_with_incremental_inference_and_still_equal_their_own_runs():
+    """Incremental inference recomputes the bounding box of a run's regions: two far-apart
+    regions share it only at a cost (a mostly empty box), so they run one after another."""
+    from napari_pdcr.regions import cluster_by_box
+
+    model = wrap(LocalConv(2, layers=2, seed=2), 2)
+    image = random_image((1, *SHAPE), seed=8)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[box_region(SHAPE, (2, 2), 4)] = 3
+    labels[box_region(SHAPE, (3, 5), 4)] = 4  # overlaps region 3: shares its run
+    labels[box_region(SHAPE, (24, 22), 4)] = 5
+    joint, alone = run_both(model, image, labels, n_estimate=6, tau=0.0, mode="exact")
+    assert joint[3].parameters["incremental"].startswith("on"), joint[3].parameters["incremental"]
+    assert [joint[k].parameters["regions_in_run"] for k in (3, 4, 5)] == [[3, 4], [3, 4], [5]]
+    for label, explanation in joint.items():
+        assert_same_as_alone(explanation, alone[label], atol=1e-5)
+    assert joint[5].forward_passes == alone[5].forward_passes  # a run of its own
+    assert joint[3].forward_passes < alone[3].forward_passes + alone[4].forward_passes
+    masks = {k: labels == k for k in (3, 4, 5)}
+    assert cluster_by_box(masks) == [[3, 4], [5]]
+    assert cluster_by_box({"a": masks[5], "b": masks[3]}) == [["a"], ["b"]]  # order of the input kept
+    nested = {"big": box_region(SHAPE, (0, 0), 20), "inside": box_region(SHAPE, (5, 5), 3)}
+    assert cluster_by_box(nested) == [["big", "inside"]]
 
 
 def test_reach_probe_of_several_regions_equals_one_probe_per_region_for_fewer_passes():

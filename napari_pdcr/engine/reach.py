@@ -70,6 +70,7 @@ def iter_reachable_blocks_of_regions(
     candidates: Sequence[np.ndarray],
     group_levels: tuple[int, ...] = (4, 2),
     batch_size: int = 8,
+    stop_when_all_reach: bool = False,
 ) -> Generator[tuple[int, int, int], None, tuple[list[np.ndarray], int]]:
     """:func:`iter_reachable_blocks` for several regions (bool ``S`` each, with their own
     candidate blocks, bool ``grid.shape``) on the same forward passes.
@@ -77,6 +78,12 @@ def iter_reachable_blocks_of_regions(
     Region ``j``'s groups are exactly those of a run for region ``j`` alone, so its mask
     is the same; a group that several regions test (most groups, away from the regions)
     is run once and read in every region. Returns one mask per region and the passes.
+
+    ``stop_when_all_reach``: after a level at which every group of every region reaches,
+    do not test finer levels (the mask stays a conservative bound: it is still exact to
+    use). For a model that reads the whole image (deepbet) that saves the finer levels'
+    passes, which could not skip a block; a caller that screens the same groups itself
+    (the coarse screen for a deterministic intervention) loses nothing by it.
     """
     union = np.logical_or.reduce([np.asarray(r, bool) for r in target_regions])
     region_index = torch.from_numpy(np.flatnonzero(union))
@@ -118,12 +125,15 @@ def iter_reachable_blocks_of_regions(
             start += len(chunk)
             yield start, len(probes), passes
         hit_of = {key: row for key, row in zip(distinct, hits, strict=True)}
+        every_group_reaches = all(hit_of[m.tobytes()][j] for j, groups in enumerate(groups_of_region) for m in groups)
         for j, groups in enumerate(groups_of_region):
             region_hits = [hit_of[members.tobytes()][j] for members in groups]
             for members, hit in zip(groups, region_hits, strict=True):
                 if not hit:
                     reach[j][members] = False
             open_groups[j] = [m for m, h in zip(groups, region_hits, strict=True) if h]
+        if stop_when_all_reach and every_group_reaches:
+            break
     return [r.reshape(grid.shape) for r in reach], passes
 
 

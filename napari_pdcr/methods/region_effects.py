@@ -51,6 +51,7 @@ from napari_pdcr.outcomes import Outcome, outcome_for
 from napari_pdcr.regions import (
     BlockGrid,
     block_shape_for,
+    cluster_by_box,
     validate_region,
     voxel_spacing,
 )
@@ -64,8 +65,8 @@ MODES = {
     # the same estimand, with the exact accelerations (and a patch bank's repeated crops evaluated once)
     "exact": dict(skip_unreachable=True, crop_to_reach=True, adaptive=False, coarse_factor=1, stratify=True,
                   sequential=False),
-    # exact accelerations + adaptive numbers of draws + coarse-to-fine screening
-    # (approximate, opt-in)
+    # exact accelerations + adaptive numbers of draws + coarse-to-fine screening, also for
+    # deterministic interventions (approximate, opt-in; RegionEffects.coarse_levels)
     "fast": dict(skip_unreachable=True, crop_to_reach=True, adaptive=True, coarse_factor=2, stratify=True,
                  sequential=False),
     # exact accelerations + a sequential screen: draws go on while a block's interval crosses +-tau
@@ -80,6 +81,32 @@ REGIONS_NOT_ADAPTIVE = (
     "stop at other draws in each: "
     "use mode='exact', or one run per region"
 )
+
+
+def coarse_groups(grid: BlockGrid, blocks: np.ndarray, levels: tuple[int, ...]) -> list[list[np.ndarray]]:
+    """The groups of a coarse-to-fine screen of ``blocks`` (flat indices), one list per level of ``levels``.
+
+    At level ``f`` the blocks fall into groups of ``f`` blocks per axis (aligned to the
+    grid). A group of level ``f`` whose blocks all lie in one group of the next, finer
+    level (or that is a single block, at the finest level) is left to that level, where
+    it costs the same pass; the finer levels list every group of ``blocks`` (the run then
+    screens only those inside the groups a coarser level kept).
+    """
+    blocks = np.asarray(blocks, dtype=np.int64)
+    coords = np.stack(np.unravel_index(blocks, grid.shape), axis=1) if len(blocks) else np.zeros((0, len(grid.shape)), int)
+    out = []
+    for i, factor in enumerate(levels):
+        finer = levels[i + 1] if i + 1 < len(levels) else 1
+        groups = []
+        if len(blocks):
+            _, inverse = np.unique(coords // factor, axis=0, return_inverse=True)
+            inverse = inverse.ravel()
+            for g in range(inverse.max() + 1):
+                members = np.flatnonzero(inverse == g)
+                if len(np.unique(coords[members] // finer, axis=0)) > 1:
+                    groups.append(blocks[members])
+        out.append(groups)
+    return out
 
 
 def region_masks(regions, spatial_shape: tuple[int, ...]) -> dict:
@@ -120,13 +147,18 @@ class CostEstimate:
     """Upper bound of a region-effects run (:meth:`RegionEffects.estimate_cost`).
 
     ``n_blocks``: candidate blocks; ``passes``: forward passes (images) at most;
-    ``seconds_per_pass``: one timed whole-image pass; ``mode``: the run's mode.
+    ``seconds_per_pass``: one timed whole-image pass; ``mode``: the run's mode;
+    ``passes_if_pruned``: with a coarse screen (``mode="fast"``), the passes when every
+    block reaches the region and the screen prunes every group at the first level that
+    screens it (the short end for a model that reads the whole image; ``None`` without
+    a coarse screen).
     """
 
     n_blocks: int
     passes: int
     seconds_per_pass: float
     mode: str
+    passes_if_pruned: int | None = None
 
     @property
     def seconds(self) -> float:
@@ -141,6 +173,10 @@ class CostEstimate:
             f"for {self.n_blocks} blocks)" if minutes >= 1 else
             f"at most about {self.seconds:.0f} s ({self.passes} forward passes for {self.n_blocks} blocks)"
         )
+        if self.passes_if_pruned is not None and self.passes_if_pruned < self.passes:
+            best = self.passes_if_pruned * self.seconds_per_pass
+            text += (f", about {best / 60:.0f} minutes" if best >= 120 else f", about {best:.0f} s") + (
+                f" ({self.passes_if_pruned} passes) where the coarse screen prunes everything")
         if minutes >= 2:
             text += ": choose " + ("larger blocks" if self.mode == "fast" else "fast mode or larger blocks") + " to make it shorter"
         return text
@@ -173,7 +209,11 @@ class RegionEffects(Method):
         ``"exact"`` (default): the published estimand with exact accelerations (blocks
         that provably cannot reach the region are skipped; the model runs on the
         smallest verified window). ``"fast"``: also adaptive draws (approximate; stops a
-        block once its standard error is below ``se_target``). ``"sequential"``
+        block once its standard error is below ``se_target``) and a coarse-to-fine
+        screen (approximate; groups of blocks intervened on jointly, and pruned,
+        status PRUNED_COARSE, when the joint change is below tau: effects inside a group
+        can cancel; for a deterministic intervention one pass per group, at two levels,
+        see :meth:`coarse_levels`). ``"sequential"``
         (recommended, docs/uncertainty.md): the exact accelerations with a sequential
         screen: a block's draws go on, in rounds of 10, while its 95 % interval still
         crosses +-tau (or its standard error is above ``se_target``), up to ``n_estimate``. ``"published"``: no accelerations besides
@@ -251,6 +291,7 @@ class RegionEffects(Method):
             "mode": self.mode,
             "adaptive": s.adaptive,
             "coarse_factor": MODES[self.mode]["coarse_factor"],
+            "coarse_levels": list(self.coarse_levels(self.intervention.deterministic)),
             "se_target": s.se_target if s.adaptive or s.sequential else None,
             "stratify": s.stratify,
             "sequential": s.sequential,
@@ -311,11 +352,15 @@ class RegionEffects(Method):
         label is a region), or a mapping ``key -> bool S mask`` (e.g. several brushes;
         masks may overlap). Every intervention draw is scored in every region, the reach
         and the model's window are the union of the regions' own, so the run costs about
-        the forward passes of one region, not one per region. Returns ``{label or key:
+        the forward passes of one region, not one per region. With incremental inference,
+        whose passes recompute the bounding box of a run's regions, the regions run in
+        groups (:func:`~napari_pdcr.regions.cluster_by_box`: regions whose joint box is no
+        larger than their own boxes together); far-apart regions run one after another,
+        as separate runs would. Returns ``{label or key:
         RegionExplanation}``, each equal (to floating-point tolerance: the model may run
         on a larger window) to a run for that region alone with the same seed; each
-        explanation's ``forward_passes`` is the whole shared run's, and its parameters
-        name its ``label`` and the ``regions_in_run``. Several regions need a
+        explanation's ``forward_passes`` is its group's shared run's, and its parameters
+        name its ``label`` and the ``regions_in_run`` (its group). Several regions need a
         non-adaptive mode (``"exact"`` or ``"published"``); save them one by one or as
         ``related`` results of one of them.
         """
@@ -326,12 +371,20 @@ class RegionEffects(Method):
             raise ValueError(REGIONS_NOT_ADAPTIVE)
         union = np.logical_or.reduce(list(masks.values()))
         x, _, ref = self.check_inputs(image, union, reference)
-        explanations = yield from self._iter_targets(
-            x, list(masks.values()), [self.outcome] * len(masks), ref, spacing, t_start, names=list(masks)
-        )
-        for key, explanation in zip(masks, explanations, strict=True):
-            explanation.parameters.update(label=key, regions_in_run=list(masks))
-        return dict(zip(masks, explanations, strict=True))
+        # incremental inference recomputes the bounding box of a run's regions: far-apart
+        # regions (a mostly empty joint box) run apart, with the same draws per block
+        incremental = self.incremental and not self.model.is_classifier and self.model.sliding_window is None
+        groups = cluster_by_box(masks) if incremental else [list(masks)]
+        results = {}
+        for keys in groups:
+            explanations = yield from self._iter_targets(
+                x, [masks[key] for key in keys], [self.outcome] * len(keys), ref, spacing, t_start, names=keys
+            )
+            for key, explanation in zip(keys, explanations, strict=True):
+                explanation.parameters.update(label=key, regions_in_run=keys)
+                results[key] = explanation
+            t_start = time.perf_counter()
+        return {key: results[key] for key in masks}
 
     def _iter_targets(
         self, x: torch.Tensor, regions: list[np.ndarray], outcomes: list[Outcome], ref, spacing, t_start: float,
@@ -379,8 +432,12 @@ class RegionEffects(Method):
         reach, probe_passes = list(candidates), 0
         if options["skip_unreachable"] and any(c.any() for c in candidates) and not windowed:
             t0 = time.perf_counter()
+            # with a deterministic coarse screen (fast mode) the finer reach levels are left to it: a
+            # group that cannot reach the region changes nothing and is pruned at the same one pass
+            joint = self.intervention.deterministic and bool(self.coarse_levels(True))
             reach, probe_passes = yield from relay(
-                iter_reachable_blocks_of_regions(model, x, grid, distinct_regions, candidates),
+                iter_reachable_blocks_of_regions(model, x, grid, distinct_regions, candidates,
+                                                 stop_when_all_reach=joint),
                 lambda step: Progress("reach", *step, time.perf_counter() - t_start),
             )
             for d, region in enumerate(distinct_regions):
@@ -435,8 +492,9 @@ class RegionEffects(Method):
         runner = BatchRunner(batch_size)
         to_estimate = np.flatnonzero(any_reach.ravel())
         pruned, coarse_passes = np.zeros(grid.n_blocks, bool), 0
-        if options["coarse_factor"] > 1 and not nodes.deterministic and self.settings.n_screen:
-            pruned, coarse_passes = yield from self._coarse_screen(nodes, grid, to_estimate, runner, options["coarse_factor"])
+        levels = self.coarse_levels(nodes.deterministic)
+        if levels:
+            pruned, coarse_passes = yield from self._coarse_screen(nodes, grid, to_estimate, runner, levels)
             to_estimate = to_estimate[~pruned[to_estimate]]
         estimates = yield from estimate_effects(nodes, to_estimate, self.settings, runner)
 
@@ -447,7 +505,7 @@ class RegionEffects(Method):
                            estimates.lower, estimates.upper, estimates.few_draws)
         )
         status[pruned] = NodeStatus.PRUNED_COARSE
-        n_draws[pruned] = self.settings.n_screen
+        n_draws[pruned] = 1 if nodes.deterministic else self.settings.n_screen  # the group's joint draws
         lower[pruned], upper[pruned], few_draws[pruned] = np.nan, np.nan, True
         for j, d in enumerate(region_of):
             # blocks another target needed: this target's own run would not have drawn for them
@@ -508,45 +566,104 @@ class RegionEffects(Method):
         """An upper bound on the forward passes and time of :meth:`attribute`, before running it.
 
         Counts the candidate blocks (every block outside the region), the passes of the
-        reach probe (one per group of 4^d and 2^d blocks) and of the estimate if every
-        block were reachable and passed the screen (``n_screen + n_estimate`` draws; one for
-        a deterministic intervention), and times one forward pass of the whole image at
-        batch size 1. The windowed and cropped passes of a real run are cheaper, so the
-        time is a bound, not a forecast. Inputs are checked as in :meth:`attribute`.
+        reach probe (one per group of 4^d and 2^d blocks), of the coarse screen in
+        ``mode="fast"`` if no group were pruned (every group of every level of
+        :meth:`coarse_levels`: one pass each for a deterministic intervention,
+        ``n_screen`` otherwise) and of the estimate if every block were reachable and
+        passed the screen (``n_screen + n_estimate`` draws; one for a deterministic
+        intervention), and times one forward pass of the whole image at batch size 1.
+        With a coarse screen the bound is above the passes of ``mode="exact"`` (the screen
+        costs passes where it prunes nothing); ``passes_if_pruned`` gives the other end
+        for a model that reads the whole image: every block reaches the region (for a
+        deterministic intervention the reach probe then stops after its first level) and
+        the coarse screen prunes every group where it first screens it. It is a guide to
+        the shortest run, not a lower bound (a model with a small receptive field skips
+        unreachable blocks instead).
+        The windowed and cropped passes of a real run are cheaper, so the time is a bound,
+        not a forecast. Inputs are checked as in :meth:`attribute`.
         """
         x, region, _ = self.check_inputs(image, target_region, reference)
         grid = BlockGrid.create(tuple(x.shape[1:]), self.block_shape)
         candidates = np.flatnonzero(~grid.any_per_block(region).ravel())
         coords = np.stack(np.unravel_index(candidates, grid.shape), axis=1)
         reach_passes = sum(len(np.unique(coords // level, axis=0)) for level in (4, 2))
-        draws = 1 if self.intervention.deterministic else self.settings.n_screen + self.settings.n_estimate
+        deterministic = self.intervention.deterministic
+        draws = 1 if deterministic else self.settings.n_screen + self.settings.n_estimate
+        levels = self.coarse_levels(deterministic)
+        coarse_draws = 1 if deterministic else self.settings.n_screen
+        by_level = coarse_groups(grid, candidates, levels)
+        coarse_passes = coarse_draws * sum(len(groups) for groups in by_level)
+        if_pruned = None
+        if levels:  # every group pruned where it is first screened; blocks in no group are estimated alone
+            screened, first_look = np.zeros(grid.n_blocks, bool), 0
+            for groups in by_level:
+                fresh = [g for g in groups if not screened[g].any()]
+                first_look += len(fresh)
+                for g in fresh:
+                    screened[g] = True
+            # every block reaching the region: a deterministic screen's reach probe stops after its first level
+            first_reach = len(np.unique(coords // 4, axis=0)) if deterministic else reach_passes
+            if_pruned = first_reach + coarse_draws * first_look + int((~screened[candidates]).sum()) * draws
         model, x = self.to_device(x)
         with torch.inference_mode():
             model(x[None])  # warm-up: first calls allocate
             t0 = time.perf_counter()
             model(x[None])
             seconds = time.perf_counter() - t0
-        return CostEstimate(len(candidates), reach_passes + len(candidates) * draws, seconds, self.mode)
+        return CostEstimate(len(candidates), reach_passes + coarse_passes + len(candidates) * draws, seconds, self.mode,
+                            if_pruned)
 
-    def _coarse_screen(self, nodes: InputBlocks, grid: BlockGrid, blocks: np.ndarray, runner: BatchRunner, factor: int):
-        """Approximate: screen ``factor``-times coarser groups of ``blocks`` jointly first.
+    def coarse_levels(self, deterministic: bool) -> tuple[int, ...]:
+        """Group sizes (in blocks per axis, coarsest first) of the coarse-to-fine screen; ``()``: none.
 
-        A group whose ``n_screen`` joint draws all change the outcome by less than tau
-        has its blocks pruned (reported 0, status PRUNED_COARSE) without a fine screen.
-        Returns the pruned mask over all blocks and the forward passes used.
+        Only ``mode="fast"`` screens coarsely (an approximation, see :meth:`_coarse_screen`).
+        A random intervention screens groups of ``coarse_factor`` blocks per axis with
+        ``n_screen`` joint draws (none when ``n_screen`` is 0). A deterministic one (zero,
+        constant, mean, blur) needs one joint pass per group and screens hierarchically:
+        :attr:`coarse_depth_deterministic` levels, e.g. groups of 4 blocks per axis, then
+        of 2 inside the groups that were not pruned, then the single blocks.
         """
-        keys = np.stack(np.unravel_index(blocks, grid.shape), axis=1) // factor
-        _, inverse = np.unique(keys, axis=0, return_inverse=True)
-        groups = [blocks[inverse.ravel() == g] for g in range(inverse.max() + 1)] if len(blocks) else []
-        groups = [g for g in groups if len(g) > 1]  # a single block is screened as itself
-        pruned = np.zeros(grid.n_blocks, bool)
-        if not groups:
-            return pruned, 0
-        settings = EstimatorSettings(n_screen=0, n_estimate=self.settings.n_screen, tau=0.0, seed=self.seed + 7919)
-        coarse = yield from estimate_effects(BlockGroups(nodes, groups), range(len(groups)), settings, runner, "coarse ")
-        for group, max_change in zip(groups, coarse.max_abs_change, strict=True):
-            pruned[group] = max_change < self.settings.tau
-        return pruned, coarse.forward_passes
+        factor = MODES[self.mode]["coarse_factor"]
+        if factor <= 1:
+            return ()
+        if deterministic:
+            return tuple(factor**k for k in range(self.coarse_depth_deterministic, 0, -1))
+        return (factor,) if self.settings.n_screen else ()
+
+    #: Levels of the coarse screen for a deterministic intervention in ``mode="fast"``
+    #: (2: groups of ``coarse_factor**2`` then ``coarse_factor`` blocks per axis; 1: one level).
+    coarse_depth_deterministic: int = 2
+
+    def _coarse_screen(self, nodes: InputBlocks, grid: BlockGrid, blocks: np.ndarray, runner: BatchRunner,
+                       levels: tuple[int, ...]):
+        """Approximate: screen coarser groups of ``blocks`` jointly first, level by level (``levels``).
+
+        Every block of a group is intervened on at once (one joint draw per block): a
+        deterministic intervention takes one pass per group, a random one ``n_screen``
+        joint draws. A group whose every joint draw changes the outcome by less than tau
+        has its blocks pruned (reported 0, status PRUNED_COARSE) without a fine screen;
+        the blocks of the other groups go on to the next, finer level, then to the
+        ordinary estimate. This is an approximation: the effects of the blocks of a group
+        can cancel (one block helps the region, another hurts it by as much), or the
+        joint change can stay below tau while one block alone would not (a model that is
+        not additive), and such blocks are reported 0. ``mode="exact"`` never screens
+        coarsely. Returns the pruned mask over all blocks and the forward passes used.
+        """
+        pruned, passes = np.zeros(grid.n_blocks, bool), 0
+        alive = np.asarray(blocks, dtype=np.int64)
+        draws = 1 if nodes.deterministic else self.settings.n_screen
+        for level, groups in enumerate(coarse_groups(grid, alive, levels)):
+            groups = [g for g in groups if not pruned[g[0]]]  # inside groups a coarser level kept
+            if not groups:
+                continue
+            settings = EstimatorSettings(n_screen=0, n_estimate=draws, tau=0.0, seed=self.seed + 7919 * (level + 1))
+            coarse = yield from estimate_effects(BlockGroups(nodes, groups), range(len(groups)), settings, runner,
+                                                 "coarse ")
+            changes = np.asarray(coarse.max_abs_change).reshape(len(groups), -1)  # (groups, outcomes)
+            for group, change in zip(groups, changes, strict=True):
+                pruned[group] = bool((change < self.settings.tau).all())
+            passes += coarse.forward_passes
+        return pruned, passes
 
     def _window_probes(self, x: torch.Tensor, grid: BlockGrid, reach: np.ndarray, n: int = 3) -> list[torch.Tensor]:
         """Intervened images for window verification: noise in a few reachable blocks."""
