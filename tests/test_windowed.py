@@ -86,7 +86,9 @@ def test_windowed_effects_equal_full_inference(network):
     np.testing.assert_allclose(exact.block_effects, reference.block_effects, atol=1e-4)
     unreachable = exact.block_status == NodeStatus.UNREACHABLE
     assert unreachable.any()  # windows far from the region were never run ...
-    assert np.all(np.abs(reference.block_effects[unreachable]) < 1e-9)  # ... and indeed change nothing
+    # ... and indeed change nothing (to float32 rounding of a percent-scale outcome: the published run's
+    # windows are batched differently with one torch thread, 4e-8 there)
+    assert np.all(np.abs(reference.block_effects[unreachable]) < 1e-5)
     info = exact.parameters["sliding_window"]
     assert info["windows_over_region"] < info["windows_per_pass"]
     full_cost = reference.forward_passes * info["windows_per_pass"]
