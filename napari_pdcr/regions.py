@@ -113,17 +113,25 @@ def _per_axis(values, spatial_dims: int, check, message: str) -> tuple:
     return checked
 
 
-def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """``(start, stop)`` per axis of the bounding box of a non-empty bool mask."""
+#: A box: ``(start, stop)`` per axis, in voxels.
+Box = tuple[tuple[int, int], ...]
+
+
+def bounding_box(mask: np.ndarray) -> Box:
+    """The bounding box of a non-empty bool mask."""
     return tuple((int(axis.min()), int(axis.max()) + 1) for axis in np.nonzero(mask))
 
 
-def _box_volume(box) -> int:
+def union_box(boxes: Sequence[Box | None]) -> Box | None:
+    """The smallest box holding every box of ``boxes`` (None entries ignored; None if there are none)."""
+    boxes = [b for b in boxes if b is not None]
+    if not boxes:
+        return None
+    return tuple((min(axis[0] for axis in per), max(axis[1] for axis in per)) for per in zip(*boxes, strict=True))
+
+
+def _box_volume(box: Box) -> int:
     return int(np.prod([stop - start for start, stop in box]))
-
-
-def _box_union(a, b):
-    return tuple((min(x0, y0), max(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
 
 
 #: Two groups of regions merge while their joint box is at most this many times their own boxes together.
@@ -146,7 +154,7 @@ def cluster_by_box(masks: dict, factor: float = JOINT_BOX_FACTOR) -> list[list]:
         best = None
         for i in range(len(groups)):
             for j in range(i + 1, len(groups)):
-                joint = _box_union(groups[i][1], groups[j][1])
+                joint = union_box([groups[i][1], groups[j][1]])
                 own = _box_volume(groups[i][1]) + _box_volume(groups[j][1])
                 waste = _box_volume(joint) - own
                 if _box_volume(joint) <= factor * own and (best is None or waste < best[0]):

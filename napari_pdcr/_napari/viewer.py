@@ -109,7 +109,7 @@ REGION_CONTEXT = 4.0
 def view_in_3d(viewer, explanation, image_layer=None, margin: float = 1.6) -> None:
     """Show a 3D result in 3D rendering around its target region.
 
-    The maps get their 3D colormap (:func:`restyle_maps`: weak blocks see-through); the
+    The maps get their 3D colormap (:func:`restyle_map`: weak blocks see-through); the
     explained image (``image_layer``, else the image layers of the result's shape that are
     not results) and the prediction's outline are shown as the axial plane through the
     region's centre, so the anatomy and the prediction's border show without hiding the

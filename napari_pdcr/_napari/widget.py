@@ -70,7 +70,6 @@ from napari_pdcr.models.devices import torch_threads, worker_cpu_threads
 from napari_pdcr.outcomes import outcome_unit
 from napari_pdcr.studies.methods import METHODS, build_method
 
-#: Units of each outcome's effects (the colour bar's and the plots' unit).
 #: The Results tab's summary after Compare methods when no single run has been made.
 NO_RUN_AFTER_COMPARISON = ("Method comparison below; its maps are in the viewer's grid. Press Run for one causal "
                            "map with its plots.")

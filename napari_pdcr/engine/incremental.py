@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_pdcr.models.base import SegmentationModel
+from napari_pdcr.regions import Box, union_box
 
 logger = logging.getLogger(__name__)
 
-#: a box: ``(start, stop)`` per spatial axis, in the voxels of one feature map
-Box = tuple[tuple[int, int], ...]
+# a box (napari_pdcr.regions.Box): ``(start, stop)`` per spatial axis, in the voxels of one feature map
 
 _POINTWISE_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU,
@@ -65,13 +65,6 @@ def _intersect(a: Box | None, b: Box | None) -> Box | None:
     return None if any(lo >= hi for lo, hi in box) else box
 
 
-def _union(boxes: Sequence[Box | None]) -> Box | None:
-    boxes = [b for b in boxes if b is not None]
-    if not boxes:
-        return None
-    return tuple((min(axis[0] for axis in per), max(axis[1] for axis in per)) for per in zip(*boxes, strict=True))
-
-
 def _whole(shape: Sequence[int]) -> Box:
     return tuple((0, int(n)) for n in shape)
 
@@ -87,7 +80,7 @@ class _Pointwise:
     fill, crops = 0.0, False
 
     def changed(self, boxes):
-        return _union(boxes)
+        return union_box(boxes)
 
     def receptive(self, box: Box, n_inputs: int) -> list[Box]:
         return [box] * n_inputs
@@ -428,7 +421,7 @@ class IncrementalForward:
                 continue
             inputs = self._spatial_inputs(node)
             for arg, reads in zip(inputs, rule.receptive(box, len(inputs)), strict=True):
-                needed[arg] = _union([needed[arg], _intersect(reads, _whole(self._shape(arg)))])
+                needed[arg] = union_box([needed[arg], _intersect(reads, _whole(self._shape(arg)))])
         return needed
 
     def _spatial_inputs(self, node) -> list[torch.fx.Node]:
