@@ -200,6 +200,11 @@ class BlockGrid:
             for c, b, n in zip(coords, self.block_shape, self.spatial_shape, strict=True)
         )
 
+    def bounding_slices(self, blocks: Sequence[int]) -> tuple[slice, ...]:
+        """Slices of the bounding box of the blocks ``blocks`` (flat indices, at least one)."""
+        per_block = [self.slices(int(b)) for b in blocks]
+        return tuple(slice(min(s.start for s in axis), max(s.stop for s in axis)) for axis in zip(*per_block, strict=True))
+
     def to_voxels(self, block_values: np.ndarray) -> np.ndarray:
         """Broadcast per-block values ``grid.shape`` to a voxel map ``spatial_shape``."""
         out = np.asarray(block_values)

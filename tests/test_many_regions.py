@@ -221,3 +221,51 @@ def test_console_explains_each_label_of_a_label_image():
     assert list(results) == [1, 2, 7]
     alone = explain(image, labels == 2, model=model, **settings)
     assert_same_as_alone(results[2], alone, atol=1e-6)
+
+
+def _probe_to_the_end(probe):
+    try:
+        while True:
+            next(probe)
+    except StopIteration as stop:
+        return stop.value
+
+
+@pytest.mark.parametrize("case", ["local_conv", "unet2d"])
+def test_reach_probe_by_incremental_inference_equals_the_full_probe(case):
+    """The NaN reach probe run by incremental inference (exact inside the regions' box) finds exactly the
+    blocks the probe by full inference finds, on conv nets it supports."""
+    from napari_pdcr.engine.incremental import IncrementalForward
+    from napari_pdcr.models.demo import load_demo_model
+
+    if case == "local_conv":
+        model, shape, block = wrap(LocalConv(2, layers=2, seed=2), 2), SHAPE, B
+    else:
+        model, shape, block = load_demo_model("unet2d"), (192, 192), 16
+    x = torch.from_numpy(random_image((1, *shape), seed=8))
+    grid = BlockGrid.create(shape, block)
+    regions = [box_region(shape, (2, 2), 6), box_region(shape, (shape[0] - 12, shape[1] - 10), 5)]
+    candidates = [~grid.any_per_block(r) for r in regions]
+    forward = RegionEffects(model, "zero", block_shape=block, mode="exact")._incremental_probe(
+        model, x, grid, np.logical_or.reduce(regions))
+    assert forward is not None and isinstance(forward.__self__, IncrementalForward)
+    calls = []
+
+    def counted(batch, changed):
+        calls.append(len(batch))
+        return forward(batch, changed)
+
+    full, full_passes = _probe_to_the_end(iter_reachable_blocks_of_regions(model, x, grid, regions, candidates))
+    incremental, passes = _probe_to_the_end(
+        iter_reachable_blocks_of_regions(model, x, grid, regions, candidates, forward=counted))
+    assert sum(calls) == passes == full_passes and forward.__self__.supported
+    for a, b in zip(full, incremental, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any((~a & c).any() for a, c in zip(full, candidates, strict=True))  # the probe skipped blocks
+
+
+def test_no_incremental_reach_probe_for_a_model_incremental_inference_does_not_support():
+    unsupported = SegmentationModel(torch.nn.InstanceNorm2d(1), 2, 1, activation="none")
+    x = torch.from_numpy(random_image((1, *SHAPE), seed=1))
+    assert RegionEffects(unsupported, "zero", block_shape=B)._incremental_probe(
+        unsupported, x, BlockGrid.create(SHAPE, B), box_region(SHAPE, (2, 2), 4)) is None

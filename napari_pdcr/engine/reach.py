@@ -71,6 +71,7 @@ def iter_reachable_blocks_of_regions(
     group_levels: tuple[int, ...] = (4, 2),
     batch_size: int = 8,
     stop_when_all_reach: bool = False,
+    forward=None,
 ) -> Generator[tuple[int, int, int], None, tuple[list[np.ndarray], int]]:
     """:func:`iter_reachable_blocks` for several regions (bool ``S`` each, with their own
     candidate blocks, bool ``grid.shape``) on the same forward passes.
@@ -84,7 +85,15 @@ def iter_reachable_blocks_of_regions(
     use). For a model that reads the whole image (deepbet) that saves the finer levels'
     passes, which could not skip a block; a caller that screens the same groups itself
     (the coarse screen for a deterministic intervention) loses nothing by it.
+
+    ``forward(batch, changed)``: how the probes run (default: the model on the whole
+    batch); ``changed[i]`` are the slices of the bounding box of probe ``i``'s NaN blocks,
+    so incremental inference (:meth:`~napari_pdcr.engine.incremental.IncrementalForward.forward`,
+    exact inside the region's box) can run them, with the same NaN propagation.
     """
+    if forward is None:
+        def forward(batch, changed):
+            return model(batch)
     union = np.logical_or.reduce([np.asarray(r, bool) for r in target_regions])
     region_index = torch.from_numpy(np.flatnonzero(union))
     positions = [torch.from_numpy(np.flatnonzero(np.asarray(r, bool)[union])) for r in target_regions]
@@ -115,7 +124,8 @@ def iter_reachable_blocks_of_regions(
                     batch[(i, slice(None), *grid.slices(int(b)))] = float("nan")
             try:
                 with torch.inference_mode():
-                    scores = model(batch).flatten(2)[:, :, region_index.to(model.device)]
+                    scores = forward(batch, [grid.bounding_slices(members) for members in chunk])
+                    scores = scores.flatten(2)[:, :, region_index.to(scores.device)]
             except Exception as error:  # noqa: BLE001 - re-raised unless it is an out-of-memory
                 batch_size = halved_batch_size(error, batch_size)  # back off, as BatchRunner does
                 continue

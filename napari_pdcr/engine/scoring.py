@@ -78,8 +78,9 @@ class RegionScoring:
         """
         with torch.inference_mode(), self.autocast():
             scores = (forward or self.model)(batch)
-        flat = check_finite(self.model, scores).flatten(2)
-        return flat[:, :, self.region_index.to(flat.device)].float()
+        flat = scores.flatten(2)
+        # only the region's scores make the outcome: they are the ones checked (a whole map per batch is not)
+        return check_finite(self.model, flat[:, :, self.region_index.to(flat.device)]).float()
 
     def set_base(self, base_scores: torch.Tensor, reference: np.ndarray | None = None) -> float:
         """Fix the channel and the reference from unperturbed scores ``(1, K, M)``; return ``Y(x)``.

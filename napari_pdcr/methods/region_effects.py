@@ -34,6 +34,7 @@ from napari_pdcr.engine.estimator import (
     estimate_effects,
     relay,
 )
+from napari_pdcr.engine.incremental import IncrementalForward
 from napari_pdcr.engine.reach import (
     aligned_window,
     iter_reachable_blocks_of_regions,
@@ -51,6 +52,7 @@ from napari_pdcr.outcomes import Outcome, outcome_for
 from napari_pdcr.regions import (
     BlockGrid,
     block_shape_for,
+    bounding_box,
     cluster_by_box,
     validate_region,
     voxel_spacing,
@@ -435,9 +437,11 @@ class RegionEffects(Method):
             # with a deterministic coarse screen (fast mode) the finer reach levels are left to it: a
             # group that cannot reach the region changes nothing and is pruned at the same one pass
             joint = self.intervention.deterministic and bool(self.coarse_levels(True))
+            union_of_regions = np.logical_or.reduce(distinct_regions)
             reach, probe_passes = yield from relay(
                 iter_reachable_blocks_of_regions(model, x, grid, distinct_regions, candidates,
-                                                 stop_when_all_reach=joint),
+                                                 stop_when_all_reach=joint,
+                                                 forward=self._incremental_probe(model, x, grid, union_of_regions)),
                 lambda step: Progress("reach", *step, time.perf_counter() - t_start),
             )
             for d, region in enumerate(distinct_regions):
@@ -664,6 +668,25 @@ class RegionEffects(Method):
                 pruned[group] = bool((change < self.settings.tau).all())
             passes += coarse.forward_passes
         return pruned, passes
+
+    def _incremental_probe(self, model: SegmentationModel, x: torch.Tensor, grid: BlockGrid, region: np.ndarray):
+        """The reach probe's ``forward(batch, changed)`` by incremental inference on the whole image, exact
+        inside the bounding box of ``region`` (the probe reads only the region, and NaN propagates through
+        the recomputed boxes as through full inference); None (full inference) when incremental inference
+        is off or does not support the model. Its check against full inference runs on one noise probe
+        first (a NaN probe cannot be compared)."""
+        if not (self.incremental and self.precision == "float32" and not model.is_classifier):
+            return None
+        incremental = IncrementalForward(model, x, tuple(slice(lo, hi) for lo, hi in bounding_box(region)))
+        if not incremental.supported:
+            return None
+        block = int(np.flatnonzero(~grid.any_per_block(region).ravel())[0])
+        noisy = x.clone()
+        where = (slice(None), *grid.slices(block))
+        noisy[where] = torch.rand(noisy[where].shape, generator=torch.Generator().manual_seed(self.seed)).to(x.device)
+        with torch.inference_mode():
+            incremental.forward(noisy[None], [grid.slices(block)])
+        return incremental.forward if incremental.supported else None
 
     def _window_probes(self, x: torch.Tensor, grid: BlockGrid, reach: np.ndarray, n: int = 3) -> list[torch.Tensor]:
         """Intervened images for window verification: noise in a few reachable blocks."""
