@@ -269,3 +269,17 @@ def test_no_incremental_reach_probe_for_a_model_incremental_inference_does_not_s
     x = torch.from_numpy(random_image((1, *SHAPE), seed=1))
     assert RegionEffects(unsupported, "zero", block_shape=B)._incremental_probe(
         unsupported, x, BlockGrid.create(SHAPE, B), box_region(SHAPE, (2, 2), 4)) is None
+
+
+def test_regions_that_cover_every_block_together_still_probe_reach():
+    """Two halves of the image: every block touches one of them, so no block is outside both (the
+    incremental reach probe's check then runs on a block inside a region)."""
+    model = wrap(LocalConv(2, layers=2, seed=2), 2)
+    image = random_image((1, *SHAPE), seed=8)
+    labels = np.zeros(SHAPE, np.int32)
+    labels[:, : SHAPE[1] // 2] = 1
+    labels[:, SHAPE[1] // 2 :] = 2
+    joint, alone = run_both(model, image, labels, n_estimate=4, tau=0.0, mode="exact")
+    assert joint[1].parameters["regions_in_run"] == [1, 2]
+    for label, explanation in joint.items():
+        assert_same_as_alone(explanation, alone[label], atol=1e-5)

@@ -680,7 +680,8 @@ class RegionEffects(Method):
         incremental = IncrementalForward(model, x, tuple(slice(lo, hi) for lo, hi in bounding_box(region)))
         if not incremental.supported:
             return None
-        block = int(np.flatnonzero(~grid.any_per_block(region).ravel())[0])
+        outside = np.flatnonzero(~grid.any_per_block(region).ravel())
+        block = int(outside[0]) if len(outside) else 0  # the check compares full and incremental inference anywhere
         noisy = x.clone()
         where = (slice(None), *grid.slices(block))
         noisy[where] = torch.rand(noisy[where].shape, generator=torch.Generator().manual_seed(self.seed)).to(x.device)
