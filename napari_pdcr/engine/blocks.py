@@ -157,8 +157,8 @@ class InputBlocks(NodeSet):
 
     def _bounding_slices(self, group: Sequence[int]) -> tuple[slice, ...]:
         """Slices (in the window) of the bounding box of the blocks of ``group``."""
-        per_block = [self.local_slices(int(node)) for node in group]
-        return tuple(slice(min(s.start for s in axis), max(s.stop for s in axis)) for axis in zip(*per_block, strict=True))
+        return tuple(slice(s.start - o, s.stop - o)
+                     for s, o in zip(self.grid.bounding_slices(group), self.offset, strict=True))
 
 
 class BlockGroups(NodeSet):
